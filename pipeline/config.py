@@ -1,0 +1,74 @@
+"""YAML configs with dotted command-line overrides.
+
+``load_config(path, ["sampling.pairs_per_video=4", "seed=3"], defaults)`` deep-merges, in order: the
+command's defaults, the YAML file, then the overrides (values parsed as YAML scalars). Unknown keys are
+an error, so a misspelt option is never silently ignored.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .common import InputError
+
+
+def _merge(base: dict, new: dict, where: str, strict: bool) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        if strict and k not in out:
+            known = ", ".join(sorted(out)) or "(none)"
+            raise InputError(where, f"unknown config key {k!r} (known: {known})")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{where}:{k}", strict)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b.c=3"`` → ``{"a": {"b": {"c": 3}}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise InputError(text, "override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise InputError(text, "override key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise InputError(text, f"value is not valid YAML: {e}") from None
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise InputError(p, f"not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(p, "config must be a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), defaults: dict | None = None) -> dict:
+    """Defaults ← YAML file ← overrides. With ``defaults`` given, keys outside them are rejected."""
+    strict = defaults is not None
+    cfg = copy.deepcopy(defaults) if defaults else {}
+    if path is not None:
+        cfg = _merge(cfg, read_yaml(path), str(path), strict)
+    for ov in overrides:
+        cfg = _merge(cfg, parse_override(ov), ov, strict)
+    return cfg
