@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "train-student": (None, "distil label shards into a SEA-RAFT student (Lightning)"),
     "train-fpt": (None, "train a Flow Poke Transformer on label shards (Lightning)"),
     "export": (None, "export a student checkpoint: safetensors + config.json + ONNX + model card"),
-    "convert-lras": (None, "convert a released LRAS .pt pickle to safetensors (needs --trust-pickle)"),
+    "convert-lras": ("pipeline.convert", "convert a released LRAS .pt pickle to safetensors (needs --trust-pickle)"),
     "flow": (None, "run a student or teacher on images/videos and write flow + pictures"),
     "eval": ("pipeline.evaluate", "TAP-Vid 'first' two-frame evaluation of a flow source"),
     "inspect": ("pipeline.inspect", "shard / synthetic-set statistics and pictures"),
