@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "train-fpt": (None, "train a Flow Poke Transformer on label shards (Lightning)"),
     "export": (None, "export a student checkpoint: safetensors + config.json + ONNX + model card"),
     "convert-lras": ("pipeline.convert", "convert a released LRAS .pt pickle to safetensors (needs --trust-pickle)"),
-    "flow": (None, "run a student or teacher on images/videos and write flow + pictures"),
+    "flow": ("pipeline.flow", "run a student or teacher on images/videos and write flow + pictures"),
     "eval": ("pipeline.evaluate", "TAP-Vid 'first' two-frame evaluation of a flow source"),
     "inspect": ("pipeline.inspect", "shard / synthetic-set statistics and pictures"),
     "demo": ("pipeline.demo", "run the whole pipeline on the embedded default"),

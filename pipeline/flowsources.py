@@ -244,3 +244,5 @@ def available_flow_sources() -> list[str]:
 
 def source_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(FLOW_SOURCE_DEFAULTS.get(name, {}))
+
+from . import teacher_sources as _teacher_sources  # noqa: E402,F401  (registers kltrace, rgbdiff)

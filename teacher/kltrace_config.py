@@ -1,0 +1,75 @@
+"""KL-tracing settings (torch-free, so orchestration code can read the defaults without importing torch).
+
+``teacher.kltrace`` re-exports ``KLTraceConfig``; configs/teacher/kltrace_default.yaml holds these defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class KLTraceConfig:
+    """Tracer settings; configs/teacher/kltrace_default.yaml holds these defaults. sigma .. occ_threshold are the
+    lab's setting; occ_level, refine*, exclude_revealed, share_crops and crop_margin go beyond the paper (module
+    docstring); the lab's literal procedure is occ_level="final", refine="argmax", kl_center=0,
+    exclude_revealed=False, share_crops=False."""
+    sigma: float = 2.0                  # bump std, model px (all zoom levels)
+    amplitude: float = 255.0            # bump height added to every channel, then clipped to [0, 255]
+    bump_radius_sigmas: float = 4.0     # bump is exactly 0 beyond this many sigmas
+    mask_ratio: float = 0.9             # fraction of frame-1 cells masked (predicted)
+    num_masks: int = 5                  # masks averaged ("MM"); seeds seed, seed+1, ...
+    seed: int = 1110
+    zoom_levels: int = 4                # zoom levels after the full-frame level ("MS" = zoom_levels + 1 scales)
+    zoom_keep: float = 0.75             # crop side kept per zoom level
+    occ_threshold: float = 0.4          # visible = KL peak >= this (nats)
+    occ_level: str = "mean"             # which level's peak: mean (over levels) | final | first | min | max
+    refine: str = "centroid3x3"         # centroid3x3 | argmax
+    refine_power: float = 0.25          # centroid weights = (KL - floor) ** refine_power (1: plain KL weights)
+    refine_floor: str = "median"        # median: subtract the map's median KL (side-effect floor) | none
+    exclude_revealed: bool = True       # False: revealed cells count as KL 0 in the mask average (the lab)
+    share_crops: bool = True            # queries share zoom crops (group_crops); False: one crop pair per query
+    crop_margin: float = 16.0           # model px a member stays inside its shared crops
+    method: str = "kl"                  # kl | rgb
+    rgb_blur: float = 1.0               # Gaussian sigma (model px) on the RGB difference; 0 = none
+    rgb_occ_threshold: float = 10.0     # RGB variant: visible = peak summed |difference| (0..765) >= this
+    batch: int = 16                     # queries per model call in kl_maps_naive / rgb_trace
+    kl_center: float | None = None      # px from a cell's corner to its response centre; None: model / cell/4
+
+    def __post_init__(self):
+        if self.occ_level not in ("final", "first", "min", "mean", "max"):
+            raise ValueError(f"occ_level must be final|first|min|mean|max, got {self.occ_level!r}")
+        if self.refine not in ("centroid3x3", "argmax"):
+            raise ValueError(f"refine must be centroid3x3|argmax, got {self.refine!r}")
+        if self.refine_floor not in ("median", "none") or not self.refine_power > 0:
+            raise ValueError(f"refine_floor must be median|none and refine_power > 0, got {self.refine_floor!r}, "
+                             f"{self.refine_power!r}")
+        if self.method not in ("kl", "rgb"):
+            raise ValueError(f"method must be kl|rgb, got {self.method!r}")
+        if not (self.sigma > 0 and self.bump_radius_sigmas > 0):
+            raise ValueError("sigma and bump_radius_sigmas must be > 0")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        if int(self.num_masks) < 1 or int(self.zoom_levels) < 0 or int(self.batch) < 1:
+            raise ValueError("num_masks >= 1, zoom_levels >= 0 and batch >= 1 are required")
+        if not 0.0 < self.zoom_keep <= 1.0:
+            raise ValueError(f"zoom_keep must be in (0, 1], got {self.zoom_keep!r}")
+        if self.crop_margin < 0 or self.rgb_blur < 0:
+            raise ValueError("crop_margin and rgb_blur must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "KLTraceConfig":
+        """Build from a mapping; an unknown key is an error (ValueError naming it)."""
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown tracer config key(s) {bad} (known: {', '.join(sorted(names))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def bump_radius(self) -> float:
+        return float(self.bump_radius_sigmas) * float(self.sigma)
