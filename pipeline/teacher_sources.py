@@ -8,7 +8,8 @@ Options (``--set sources.kltrace.<key>=...``; the same keys for ``rgbdiff`` exce
   threads      torch CPU threads (null: leave torch's setting)
   tracer       ``teacher.kltrace.KLTraceConfig`` fields; values still at their defaults are replaced by the
                bundle's own ``tracer`` settings (teacher.json), a value you set that differs from the default wins
-  engine       ``KLEngine`` settings (enabled: False runs the naive two-passes-per-query method)
+  engine       ``KLEngine`` settings (enabled: False runs the naive two-passes-per-query method; teachers of
+               kind "tiny" always run the naive method: the engine drives an ``LRASTracer`` only)
 
 ``track`` gets uint8 frames of any size and raster points; ``kl_trace`` resizes/crops to the teacher's size.
 Nothing heavy is imported until a source is built.
@@ -36,7 +37,7 @@ KLTRACE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "tracer": dict(TRACER_DEF
                                     "engine": dict(ENGINE_DEFAULTS)}
 RGBDIFF_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "tracer": {**TRACER_DEFAULTS, "method": "rgb"}}
 
-_BUNDLES: dict[tuple[str, str, bool], Any] = {}      # (resolved dir, device, bf16) -> LRASTracer (loaded once)
+_BUNDLES: dict[tuple[str, str, bool], Any] = {}      # (resolved dir, device, bf16) -> tracer (loaded once)
 
 
 def _merge_section(where: str, defaults: dict, given: Any) -> dict:
@@ -51,13 +52,13 @@ def _merge_section(where: str, defaults: dict, given: Any) -> dict:
 
 
 def load_tracer(teacher: Any, device: str = "cpu", bf16: bool = False, where: str = "teacher"):
-    """An ``LRASTracer`` for a teacher bundle directory (cached per process). Bad bundles -> InputError."""
+    """A tracing model for a teacher bundle directory (cached per process): an ``LRASTracer`` for kind "lras", the
+    ``TinyTeacher`` for kind "tiny" (``teacher.checkpoints.load_any_teacher``). Bad bundles -> InputError."""
     if teacher in (None, ""):
         raise InputError(where, "no teacher bundle given (a directory holding teacher.json)")
     import torch
 
-    from teacher.checkpoints import CheckpointError, load_teacher_bundle
-    from teacher.tracer import LRASTracer
+    from teacher.checkpoints import CheckpointError, load_any_teacher
 
     d = Path(str(teacher)).expanduser()
     key = (str(d.resolve()), str(device), bool(bf16))
@@ -70,14 +71,12 @@ def load_tracer(teacher: Any, device: str = "cpu", bf16: bool = False, where: st
     except (RuntimeError, TypeError) as e:
         raise InputError(f"{where} device", f"bad device {device!r}: {e}") from None
     try:
-        bundle = load_teacher_bundle(d, device=dev)
-        tracer = LRASTracer.from_bundle(bundle, autocast_bf16=bool(bf16))
+        tracer = load_any_teacher(d, device=dev, autocast_bf16=bool(bf16))
     except CheckpointError as e:
         raise InputError(d, str(e)) from None
     except (ValueError, TypeError, KeyError) as e:
         raise InputError(d, f"not a usable teacher bundle: {e}") from None
-    tracer.teacher_id = bundle.teacher_id
-    tracer.bundle_tracer = dict(bundle.meta.get("tracer") or {})
+    tracer.bundle_tracer = dict(tracer.bundle_meta.get("tracer") or {})
     _BUNDLES[key] = tracer
     return tracer
 
@@ -101,6 +100,10 @@ def make_engine(tracer, given: dict | None, where: str):
     if not opts["enabled"]:
         return None
     from teacher.engine import KLEngine
+    from teacher.tracer import LRASTracer
+
+    if not isinstance(tracer, LRASTracer):       # the KV engine drives an LRASTracer; other kinds run naive
+        return None
 
     try:
         return KLEngine(tracer, group_size=int(opts["group_size"]), batch=int(opts["batch"]),

@@ -9,6 +9,10 @@ else reads safetensors. ``torch.load`` is never called on anything else.
 A teacher bundle is a directory holding ``teacher.json`` (format ``flowdistill-teacher-v1``) plus the LRAS and LPQ
 safetensors files it names; ``load_teacher_bundle`` returns the models, the token layout (a plain dict) and a
 ``teacher_id`` (short sha256 over both weight files' sha256 and the config hash).
+
+A bundle of kind ``"tiny"`` (``save_tiny_bundle`` / ``load_tiny_bundle``) holds one ``tiny.safetensors`` with the
+whole ``teacher.tiny.TinyTeacher`` state dict (its LPQ included) and the TinyTeacherConfig inside ``teacher.json``;
+``load_any_teacher`` returns a tracing-ready model for either kind.
 """
 from __future__ import annotations
 
@@ -595,3 +599,109 @@ def load_teacher_bundle(dir: str | os.PathLike, device: str | torch.device = "cp
     _check_consistent(lras_cfg, lpq_cfg, layout, size, str(tj))
     tid = _teacher_id(sha["lras"], sha["lpq"], lras_cfg, lpq_cfg, layout, size)
     return TeacherBundle(lras=lras, lpq=lpq, layout=layout, image_size=(size[0], size[1]), meta=meta, teacher_id=tid)
+
+
+# ---------------------------------------------------------------------------------------------- tiny teachers
+
+TINY_WEIGHTS = "tiny.safetensors"
+
+
+def read_bundle_meta(dir: str | os.PathLike) -> dict:
+    """``teacher.json`` of a bundle directory, checked for the bundle format (any kind)."""
+    d = Path(dir)
+    tj = d / "teacher.json"
+    if not tj.is_file():
+        raise CheckpointError(d, "not a teacher bundle (teacher.json not found)")
+    try:
+        meta = json.loads(tj.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(tj, f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(tj, f"not a {BUNDLE_FORMAT} file")
+    if meta.get("kind") not in ("lras", "tiny"):
+        raise CheckpointError(tj, f"unsupported teacher kind {meta.get('kind')!r} (known: 'lras', 'tiny')")
+    return meta
+
+
+def _tiny_id(sha: str, config: dict) -> str:
+    blob = json.dumps({"kind": "tiny", "config": config}, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(f"{sha}\n{hashlib.sha256(blob).hexdigest()[:16]}".encode()).hexdigest()[:16]
+
+
+def save_tiny_bundle(dir: str | os.PathLike, model: nn.Module, provenance: dict | None = None,
+                     tracer: dict | None = None) -> str:
+    """Write a ``teacher.tiny.TinyTeacher`` as a bundle: ``tiny.safetensors`` (the full state dict, LPQ included)
+    and, last, ``teacher.json`` (kind "tiny", the TinyTeacherConfig, image size, sha256, provenance, tracer
+    settings). Each file is published atomically. Returns the teacher_id (weights sha256 + config hash)."""
+    from .tiny import TinyTeacher
+
+    if not isinstance(model, TinyTeacher):
+        raise TypeError(f"save_tiny_bundle needs a TinyTeacher, got {type(model).__name__}")
+    d = Path(dir)
+    config = _config_to_dict(model.config)
+    _atomic_save_safetensors(model.state_dict(), d / TINY_WEIGHTS, _st_metadata("tiny"))
+    sha = _sha256(d / TINY_WEIGHTS)
+    tid = _tiny_id(sha, config)
+    S = int(config["image_size"])
+    _atomic_write_json(d / "teacher.json", {
+        "format": BUNDLE_FORMAT, "kind": "tiny", "weights": TINY_WEIGHTS, "config": config,
+        "image_size": [S, S], "tracer": _json_safe(tracer or {}), "provenance": _json_safe(provenance or {}),
+        "sha256": {"weights": sha}, "teacher_id": tid,
+    })
+    return tid
+
+
+def load_tiny_bundle(dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(TinyTeacher in eval mode, teacher.json dict) from a bundle of kind "tiny"; the weights are checked against
+    the sha256 recorded in teacher.json and loaded strictly. ``meta["teacher_id"]`` is recomputed from the file."""
+    from .tiny import TinyTeacher, TinyTeacherConfig
+
+    d = Path(dir)
+    meta = read_bundle_meta(d)
+    tj = d / "teacher.json"
+    if meta["kind"] != "tiny":
+        raise CheckpointError(tj, f"holds a {meta['kind']!r} teacher, expected 'tiny'")
+    name = meta.get("weights")
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(tj, f"'weights' must name a file inside the bundle, got {name!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(tj, "config must be a mapping (the TinyTeacherConfig fields)")
+    path = d / name
+    if not path.is_file():
+        raise CheckpointError(path, "file not found (named by teacher.json)")
+    sha = _sha256(path)
+    want = (meta.get("sha256") or {}).get("weights")
+    if want is not None and want != sha:
+        raise CheckpointError(path, f"sha256 {sha[:12]}... differs from the one recorded in teacher.json "
+                                    f"({str(want)[:12]}...): the file was changed or damaged")
+    try:
+        config = TinyTeacherConfig(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(tj, f"invalid tiny teacher config: {e}") from None
+    sd = read_safetensors(path)
+    model = TinyTeacher(config)
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=True)
+    meta = dict(meta)
+    meta["teacher_id"] = _tiny_id(sha, _config_to_dict(config))
+    return model.to(device).eval(), meta
+
+
+def load_any_teacher(dir: str | os.PathLike, device: str | torch.device = "cpu", autocast_bf16: bool = False):
+    """A ``teacher.kltrace.TracerModel`` for any bundle kind: kind "lras" -> ``teacher.tracer.LRASTracer``
+    (``autocast_bf16`` applies), kind "tiny" -> the ``TinyTeacher`` itself (eval mode, fp32). The returned object
+    carries ``teacher_id``, ``teacher_kind`` and ``bundle_meta`` (the teacher.json dict)."""
+    meta = read_bundle_meta(dir)
+    if meta["kind"] == "lras":
+        from .tracer import LRASTracer
+
+        bundle = load_teacher_bundle(dir, device=device)
+        tracer = LRASTracer.from_bundle(bundle, autocast_bf16=autocast_bf16)
+        tracer.teacher_id, meta = bundle.teacher_id, bundle.meta
+    else:
+        tracer, meta = load_tiny_bundle(dir, device=device)
+        tracer.requires_grad_(False)
+        tracer.teacher_id = meta["teacher_id"]
+    tracer.teacher_kind = meta["kind"]
+    tracer.bundle_meta = meta
+    return tracer
