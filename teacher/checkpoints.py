@@ -565,16 +565,9 @@ def load_teacher_bundle(dir: str | os.PathLike, device: str | torch.device = "cp
     """Read a teacher bundle directory; weight files are checked against the sha256 recorded in teacher.json."""
     d = Path(dir)
     tj = d / "teacher.json"
-    if not tj.is_file():
-        raise CheckpointError(d, "not a teacher bundle (teacher.json not found)")
-    try:
-        meta = json.loads(tj.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(tj, f"not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(tj, f"not a {BUNDLE_FORMAT} file")
+    meta = read_bundle_meta(d)
     if meta.get("kind") != "lras":
-        raise CheckpointError(tj, f"unsupported teacher kind {meta.get('kind')!r}")
+        raise CheckpointError(tj, f"not an LRAS bundle (kind {meta.get('kind')!r}; use load_any_teacher)")
     for key in ("lras", "lpq"):
         name = meta.get(key)
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
