@@ -48,6 +48,8 @@ class TinyTeacherConfig:
     lpq_preset: str = "tiny"      # teacher.lpq.PRESETS name (8-bit codes)
     eps_init: float = -3.0        # initial logit of the generic-head weight
     chunk: int = 64               # masked patches per chunk when materialising full code distributions
+    top_offsets: int = 32         # tracing: keep the k most likely offsets per patch (shared by a call's rows,
+                                  # renormalised); 0 = all (2 radius + 1)^2. Training always uses all.
 
     def __post_init__(self):
         if self.patch != 4:
@@ -199,10 +201,20 @@ class TinyTeacher(nn.Module):
         """Full code distributions [B, M, K] (fp32 log-probs), computed in chunks of masked patches."""
         out = []
         bits = self.code_bits
-        for s in range(0, h["log_m"].shape[1], self.config.chunk):
+        log_m, lp1, lp0 = h["log_m"], h["lp1"], h["lp0"]
+        k = self.config.top_offsets
+        if 0 < k < log_m.shape[-1]:
+            # the same k offsets for every row of this call (clean and perturbed rows stay comparable)
+            sel = log_m.amax(0).topk(k, dim=-1).indices                                # [M, k]
+            B = log_m.shape[0]
+            log_m = log_m.gather(-1, sel.expand(B, -1, -1))
+            log_m = log_m - torch.logsumexp(log_m, -1, keepdim=True)
+            idx = sel[None, :, :, None].expand(B, -1, -1, lp1.shape[-1])
+            lp1, lp0 = lp1.gather(2, idx), lp0.gather(2, idx)
+        for s in range(0, log_m.shape[1], self.config.chunk):
             sl = slice(s, s + self.config.chunk)
-            cand = h["lp1"][:, sl] @ bits.T + h["lp0"][:, sl] @ (1 - bits).T           # [B, m, D, K]
-            copy = torch.logsumexp(h["log_m"][:, sl, :, None] + cand, 2)               # [B, m, K]
+            cand = lp1[:, sl] @ bits.T + lp0[:, sl] @ (1 - bits).T                     # [B, m, D', K]
+            copy = torch.logsumexp(log_m[:, sl, :, None] + cand, 2)                    # [B, m, K]
             e = h["eps"][:, sl, None]
             out.append(torch.logaddexp(torch.log1p(-e) + copy, torch.log(e) + h["gen"][:, sl]))
         return torch.cat(out, 1)

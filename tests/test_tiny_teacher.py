@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=2, n_embd=32, n_head=2))
+    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=2, n_embd=32, n_head=2, top_offsets=0))
     return m.eval()
 
 
@@ -89,3 +89,20 @@ def test_kl_trace_outputs_finite_and_shaped(model):
     res = kl_trace(model, img(f0), img(f1), q, KLTraceConfig(num_masks=1, zoom_levels=1, crop_margin=4))
     assert res.targets.shape == (3, 2) and res.visible.shape == (3,) and res.score.shape == (3,)
     assert torch.isfinite(res.targets).all() and torch.isfinite(res.score).all()
+
+
+def test_top_offsets_is_a_close_normalised_approximation(model):
+    f0, f1 = _frames(seed=4)
+    reveal = torch.zeros(model.num_patches, dtype=torch.bool)
+    reveal[::5] = True
+    with torch.no_grad():
+        h = model.heads(f0, f1, reveal, seed=2)
+        full = model.code_logprobs(h)
+        model.config.top_offsets = 16
+        try:
+            top = model.code_logprobs(h)
+        finally:
+            model.config.top_offsets = 0
+    assert torch.allclose(top.exp().sum(-1), torch.ones_like(top[..., 0]), atol=1e-4)
+    kl = (full.exp() * (full - top)).sum(-1)
+    assert float(kl.max()) < 0.5 and float(kl.mean()) < 0.05
