@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 64,                         # frames are squished to image_size x image_size (INTER_AREA)
     "model": {                                # the other teacher.tiny.TinyTeacherConfig fields (same defaults)
         "patch": 4, "radius": 8, "cv_window": 8, "n_layer": 4, "n_head": 4, "n_embd": 128, "key_dim": 32,
-        "lpq_preset": "tiny", "eps_init": -3.0, "chunk": 64,
+        "lpq_preset": "tiny", "eps_init": -3.0, "chunk": 64, "top_offsets": 32,
     },
     "gap_frames": [1, 4],                     # inclusive frame-gap range of training pairs
     "flip": True,                             # random horizontal flip of both frames
