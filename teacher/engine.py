@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teacher.kltrace import gaussian_bump, kl_divergence, touched_cells
+from teacher.kltrace import gaussian_bump, kl_divergence, kl_map_inputs, touched_cells
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -287,16 +287,12 @@ class KLEngine:
                 reveal: torch.Tensor, seed: int, cfg) -> torch.Tensor:
         model = model if model is not None else self.tracer
         t0 = time.perf_counter()
-        reveal = torch.as_tensor(reveal, dtype=torch.bool).reshape(-1)
-        P = reveal.numel()
-        xy = torch.as_tensor(queries, dtype=torch.float32).reshape(-1, 2)
-        Q = xy.shape[0]
-        out = torch.full((Q, P), float("nan"))
+        reveal, xy, out, masked = kl_map_inputs(reveal, queries)
+        P, Q = reveal.numel(), xy.shape[0]
         if Q == 0:
             return out
         frame0 = torch.as_tensor(frame0, dtype=torch.float32)
         frame1 = torch.as_tensor(frame1, dtype=torch.float32)
-        masked = torch.nonzero(~reveal).reshape(-1)
         R, M = P - len(masked), len(masked)
         kv = _has_kv_interface(model)
         tpp = model.layout.tokens_per_patch if kv else 5

@@ -187,6 +187,15 @@ KLMapsFn = Callable[..., torch.Tensor]
 -> [Q, P] KL(clean || perturbed) per cell, NaN at revealed cells."""
 
 
+def kl_map_inputs(reveal: torch.Tensor, queries: torch.Tensor):
+    """Normalise the arguments of a KL-maps function: reveal bool [P], queries float32 [Q, 2], the NaN-filled
+    output [Q, P] (NaN stays at revealed cells) and the masked cell ids [M]."""
+    reveal = torch.as_tensor(reveal, dtype=torch.bool).reshape(-1)
+    xy = torch.as_tensor(queries, dtype=torch.float32).reshape(-1, 2)
+    out = torch.full((xy.shape[0], reveal.numel()), float("nan"))
+    return reveal, xy, out, torch.nonzero(~reveal).reshape(-1)
+
+
 @torch.no_grad()
 def kl_maps_naive(model: TracerModel, frame0: torch.Tensor, frame1: torch.Tensor, queries: torch.Tensor,
                   reveal: torch.Tensor, seed: int, cfg: KLTraceConfig, last0: torch.Tensor | None = None,
@@ -194,16 +203,12 @@ def kl_maps_naive(model: TracerModel, frame0: torch.Tensor, frame1: torch.Tensor
     """The lab's procedure: per query, a clean and a perturbed pass (same seed, reveal, last0), KL per masked cell.
     Queries go ``cfg.batch`` at a time; each model call holds [clean x b, perturbed x b] rows. ``share_clean``
     computes the clean pass once (identical result, fewer rows). Returns [Q, P], NaN at revealed cells."""
-    reveal = torch.as_tensor(reveal, dtype=torch.bool).reshape(-1)
-    P = reveal.numel()
-    xy = torch.as_tensor(queries, dtype=torch.float32).reshape(-1, 2)
+    reveal, xy, out, masked = kl_map_inputs(reveal, queries)
     Q = xy.shape[0]
-    out = torch.full((Q, P), float("nan"))
     if Q == 0:
         return out
     f0 = torch.as_tensor(frame0, dtype=torch.float32).reshape(1, *frame0.shape[-3:])
     f1 = torch.as_tensor(frame1, dtype=torch.float32).reshape(1, *frame1.shape[-3:])
-    masked = torch.nonzero(~reveal).reshape(-1)
     clean = None
     if share_clean:
         clean = model.first_code_logprobs(f0, f1, reveal, seed, last0=last0)[:, masked]        # [1, M, K]
