@@ -219,6 +219,18 @@ def save_model(model: nn.Module, path: str | os.PathLike, config_dict: dict | No
     return path
 
 
+def _read_format_json(path: Path, fmt: str) -> dict:
+    """A JSON mapping whose ``format`` field must equal ``fmt``; anything else is a CheckpointError naming it."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(path, f"not a {fmt} file (format={got!r})")
+    return meta
+
+
 def read_model_json(path: str | os.PathLike, kind: str | None = None) -> dict:
     """The JSON beside a model file (``<stem>.json``), validated; ``kind`` checks which model it holds."""
     path = Path(path)
@@ -226,12 +238,7 @@ def read_model_json(path: str | os.PathLike, kind: str | None = None) -> dict:
     if not jp.is_file():
         raise CheckpointError(path, f"config file {jp.name} not found beside it (safetensors files are read "
                                     f"together with their JSON config)")
-    try:
-        meta = json.loads(jp.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(jp, f"not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(jp, f"not a {MODEL_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    meta = _read_format_json(jp, MODEL_FORMAT)
     if meta.get("kind") not in ("lras", "lpq") or not isinstance(meta.get("config"), dict):
         raise CheckpointError(jp, "needs kind 'lras' or 'lpq' and a config mapping")
     if kind is not None and meta["kind"] != kind:
@@ -605,12 +612,7 @@ def read_bundle_meta(dir: str | os.PathLike) -> dict:
     tj = d / "teacher.json"
     if not tj.is_file():
         raise CheckpointError(d, "not a teacher bundle (teacher.json not found)")
-    try:
-        meta = json.loads(tj.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(tj, f"not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(tj, f"not a {BUNDLE_FORMAT} file")
+    meta = _read_format_json(tj, BUNDLE_FORMAT)
     if meta.get("kind") not in ("lras", "tiny"):
         raise CheckpointError(tj, f"unsupported teacher kind {meta.get('kind')!r} (known: 'lras', 'tiny')")
     return meta
