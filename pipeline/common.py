@@ -21,6 +21,12 @@ class InputError(ValueError):
         super().__init__(f"{self.input}: {reason}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".partial") -> Iterator[Path]:
     """Yield a temporary path in the destination's directory; on success rename it onto ``path``.
@@ -31,6 +37,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".partial") -> Iterator[P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes 0600; publish with the usual permissions
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -174,6 +174,18 @@ class ShardWriter:
         self._seen.add(sample.key)
         self._keys.append(sample.key)
 
+    @property
+    def open_samples(self) -> int:
+        """Samples in the shard being written (not yet published)."""
+        return len(self._keys) if self._wds.tarstream is not None else 0
+
+    def end_shard(self) -> None:
+        """Close and publish the open shard now (if it has samples); the next ``write`` starts a new one. Lets a
+        caller close shards only at work-unit boundaries (construct with a large ``maxcount``)."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        self._wds.finish()
+
     def close(self) -> list[dict]:
         """Close and publish the open shard (if it has samples); returns ``closed_shards``."""
         if not self._closed:

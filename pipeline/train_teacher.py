@@ -3,7 +3,7 @@
 Data. ``sources`` are video source specs of ``pipeline.sources`` (files, dirs, globs, lists, tars, URLs,
 ``clips:``) plus ``synth:``, which stands for a procedural training set written into ``<work_dir>/synth`` with the
 ``synth`` config (``pipeline.synthetic``; idempotent). Every video is decoded once, each frame squished to
-``image_size`` x ``image_size`` (cv2 INTER_AREA) and kept in memory as uint8; shots (``clips:bikes``' cuts) are
+``data_size`` x ``data_size`` (cv2 INTER_AREA; default ``image_size``) and kept in memory as uint8; shots (``clips:bikes``' cuts) are
 kept so no pair spans a cut. Bad videos are recorded in ``<work_dir>/errors.jsonl`` (rewritten each run) and
 skipped. Pairs come from ``teacher.train.ClipPairDataset`` (gap uniform in ``gap_frames``, random time reversal and
 horizontal flip, seeded).
@@ -50,12 +50,15 @@ DEFAULTS: dict[str, Any] = {
     "synth": _SYNTH,                          # pipeline.synthetic config of the "synth:" training set
     "max_videos": None,                       # use at most this many videos (in source order)
     "max_frames": None,                       # keep at most this many frames of each video
-    "image_size": 64,                         # frames are squished to image_size x image_size (INTER_AREA)
+    "image_size": 64,                         # the model's frame size (training pairs are image_size px)
+    "data_size": 128,                         # frames are squished to data_size px in memory (null: image_size)
+    "crop_scale": [0.5, 1.0],                 # training crop side / data_size, uniform; area-resized to image_size
     "model": {                                # the other teacher.tiny.TinyTeacherConfig fields (same defaults)
         "patch": 4, "radius": 8, "cv_window": 8, "n_layer": 4, "n_head": 4, "n_embd": 128, "key_dim": 32,
-        "lpq_preset": "tiny", "eps_init": -3.0, "chunk": 64, "top_offsets": 32,
+        "lpq_preset": "tiny", "eps_init": -3.0, "chunk": 64, "top_offsets": 32, "appearance": True,
+        "dist_bias": True,
     },
-    "gap_frames": [1, 4],                     # inclusive frame-gap range of training pairs
+    "gap_frames": [1, 3],                     # inclusive frame-gap range of training pairs
     "flip": True,                             # random horizontal flip of both frames
     "reverse": True,                          # random time reversal (swap the frames)
     "lpq_steps": 1500,
@@ -159,6 +162,13 @@ def _check_cfg(cfg: dict) -> None:
         need(isinstance(cfg[k], (int, float)) and cfg[k] > 0, k, "must be > 0")
     need(cfg["schedule"] in ("cosine", "constant"), "schedule", "must be cosine or constant")
     need(isinstance(cfg["model"], dict), "model", "must be a mapping of TinyTeacherConfig fields")
+    ds = cfg["data_size"]
+    need(ds is None or (pos_int(ds) and ds >= cfg["image_size"]), "data_size", "must be null or an integer >= image_size")
+    cs = cfg["crop_scale"]
+    need(isinstance(cs, (list, tuple)) and len(cs) == 2 and all(isinstance(v, (int, float)) for v in cs)
+         and 0 < cs[0] <= cs[1] <= 1, "crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+    need(round(cs[0] * (ds or cfg["image_size"])) >= cfg["image_size"], "crop_scale",
+         "the smallest crop (crop_scale[0] * data_size) must be at least image_size px")
     need("image_size" not in cfg["model"], "model.image_size", "set the top-level image_size instead")
     for k in ("max_videos", "max_frames"):
         need(cfg[k] is None or pos_int(cfg[k]), k, "must be null or a positive int")
@@ -415,7 +425,8 @@ def train_teacher(cfg: dict, command: list[str] | None = None,
     err_path = work_dir / "errors.jsonl"
     err_path.unlink(missing_ok=True)
     errors = ErrorLog(err_path)
-    clips, shots, records = load_videos(specs, int(cfg["image_size"]), errors, cfg["max_videos"], cfg["max_frames"],
+    data_size = int(cfg["data_size"] or cfg["image_size"])
+    clips, shots, records = load_videos(specs, data_size, errors, cfg["max_videos"], cfg["max_frames"],
                                         progress=bool(cfg["progress"]))
     if errors.count:
         print(f"train-teacher: {errors.count} input(s) skipped, see {err_path}", file=sys.stderr, flush=True)
@@ -424,7 +435,8 @@ def train_teacher(cfg: dict, command: list[str] | None = None,
         raise InputError("sources", f"no usable video in {cfg['sources']}{where}")
     data_ids = config_hash([r["id"] for r in records])
     n_frames = int(sum(c.shape[0] for c in clips))
-    print(f"train-teacher: {len(clips)} videos, {n_frames} frames at {cfg['image_size']} px", flush=True)
+    print(f"train-teacher: {len(clips)} videos, {n_frames} frames at {data_size} px "
+          f"(pairs at {cfg['image_size']} px, crop_scale {list(cfg['crop_scale'])})", flush=True)
     for name in ("lpq", "teacher"):
         old = state.stage(name).get("data_hash")
         if old is not None and old != data_ids:
@@ -434,7 +446,10 @@ def train_teacher(cfg: dict, command: list[str] | None = None,
         try:
             return ClipPairDataset([torch.from_numpy(c) for c in clips], tuple(cfg["gap_frames"]),
                                    seed=step_seed(seed, 1 if stage == "lpq" else 2), flip=bool(cfg["flip"]),
-                                   reverse=bool(cfg["reverse"]), shots=shots)
+                                   reverse=bool(cfg["reverse"]), shots=shots,
+                                   out_size=None if data_size == int(cfg["image_size"]) and
+                                   tuple(cfg["crop_scale"]) == (1.0, 1.0) else int(cfg["image_size"]),
+                                   crop_scale=tuple(cfg["crop_scale"]))
         except ValueError as e:
             raise InputError("gap_frames", str(e)) from None
 

@@ -17,6 +17,13 @@ inductive biases that make the prediction depend on *where* frame-0 content went
    which revealed patches move like c), and q(k | block) = prod_i sigmoid(+-beta z_i(block)) is the LFQ code
    distribution of the displaced frame-0 4x4 block (z = the quantizer's pre-sign projection).
 
+Two optional biases sharpen the pooling (``appearance``, ``dist_bias``, both on by default):
+       m_c(d) = sum_r a_{c,r} m_r(d) exp(-s_app ||phi0(c - d) - phi1(r)||^2),
+       a_{c,r} = softmax_r(<W_q h_c, W_k h_r> / sqrt(k) - s_dist |c - r|^2 / G^2),
+   where phi = (mean, std) of a 4x4 block's RGB in [0, 1]: a revealed patch votes for offset d at c in proportion to
+   how much the frame-0 content that d would bring into c looks like the revealed patch's own frame-1 content (so a
+   patch on a moving object takes the object's motion, not the background's), and nearby patches count more.
+
 Patches are 4x4 px with one code each (LRAS's layout with ``codes_per_side = 1``), so the KL map has 4-px cells
 and a cell's response is centred on the block centre (``kl_center = 2``). With a copy head, KL-tracing reads
 out the model's learned offset pooling: a designed warp prior, not emergent correspondence as in the 7B LRAS.
@@ -50,6 +57,8 @@ class TinyTeacherConfig:
     chunk: int = 64               # masked patches per chunk when materialising full code distributions
     top_offsets: int = 32         # tracing: keep the k most likely offsets per patch (shared by a call's rows,
                                   # renormalised); 0 = all (2 radius + 1)^2. Training always uses all.
+    appearance: bool = True       # offset votes weighted by frame-0 source vs revealed frame-1 appearance
+    dist_bias: bool = True        # pooling attention penalises the distance between query and revealed patch
 
     def __post_init__(self):
         if self.patch != 4:
@@ -87,6 +96,10 @@ class TinyTeacher(nn.Module):
         nn.init.constant_(self.eps_head.bias, c.eps_init)
         self.log_tau = nn.Parameter(torch.tensor(math.log(0.01)))
         self.log_beta = nn.Parameter(torch.tensor(math.log(4.0)))
+        if c.appearance:
+            self.app_scale = nn.Parameter(torch.tensor(3.0))   # softplus -> weight on -||phi0(c-d) - phi1(r)||^2
+        if c.dist_bias:
+            self.dist_scale = nn.Parameter(torch.tensor(0.0))  # softplus -> weight on -|c - r|^2 / grid^2
         r = torch.arange(-c.radius, c.radius + 1)
         offs = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)      # [D, 2] (dy, dx)
         self.register_buffer("offsets", offs, persistent=False)
@@ -132,6 +145,16 @@ class TinyTeacher(nn.Module):
                 z = F.normalize(q.project_in(z).float(), dim=-1).permute(0, 3, 1, 2)  # [B, bits, h, w]
                 out[:, :, b:b + p * z.shape[2]:p, a:a + p * z.shape[3]:p] = z
         return out, M
+
+    def block_stats(self, frame: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """phi = (mean, std) of the RGB (0..1) of the 4x4 block whose top-left corner is at every pixel, padded by
+        M = radius + patch (replicate) like ``block_logits``: [B, 6, H + 2M, W + 2M] and M."""
+        M = self.config.radius + self.config.patch
+        p = self.config.patch
+        x = F.pad(frame / 255.0, (M, M + p - 1, M, M + p - 1), mode="replicate")
+        mean = F.avg_pool2d(x, p, stride=1)
+        var = (F.avg_pool2d(x * x, p, stride=1) - mean * mean).clamp_min(0)
+        return torch.cat([mean, (var + 1e-6).sqrt()], 1), M
 
     def cost_volume(self, frame0: torch.Tensor, frame1: torch.Tensor) -> torch.Tensor:
         """C[b, p, d] = -mean over the window around patch p of ||I1(x) - I0(x - d)||^2 (pixels in [0,1])."""
@@ -182,14 +205,28 @@ class TinyTeacher(nn.Module):
         x = tr.ln_f(x)
         h_q = x[:, n0 + tpp * nr:]                                                      # [B, M, C] masked ptrs
         h_k = x[:, n0 + tpp - 1:n0 + tpp * nr:tpp]                                      # [B, nr, C] last token
-        att = F.softmax(self.w_q(h_q) @ self.w_k(h_k).transpose(1, 2) / math.sqrt(self.config.key_dim), -1)
-        m_c = att @ m_r                                                                 # [B, M, D]
-        log_m = F.log_softmax(torch.log(m_c + 1e-8) + self.off_head(h_q), -1)
-        z, M = self.block_logits(frame0)
+        logits = self.w_q(h_q) @ self.w_k(h_k).transpose(1, 2) / math.sqrt(self.config.key_dim)  # [B, M, nr]
         g, p = self.grid, self.config.patch
+        if self.config.dist_bias:
+            d2 = ((masked[:, None] // g - rev[None] // g) ** 2 + (masked[:, None] % g - rev[None] % g) ** 2)
+            logits = logits - F.softplus(self.dist_scale) * d2.to(logits.dtype) / float(g * g)
+        att = F.softmax(logits, -1)
+        z, M = self.block_logits(frame0)
         cy, cx = (masked // g) * p, (masked % g) * p
         uy = cy[:, None] - self.offsets[None, :, 0] + M                                 # [M, D] source top-left
         ux = cx[:, None] - self.offsets[None, :, 1] + M
+        if self.config.appearance:
+            phi0, _ = self.block_stats(frame0)                                          # [B, F, H+2M, W+2M]
+            src = phi0[:, :, uy, ux].permute(0, 2, 3, 1)                               # [B, M, D, F]
+            phi1 = self.block_stats(frame1)[0][:, :, M:M + self.config.image_size:p, M:M + self.config.image_size:p]
+            phi1 = phi1.flatten(2).transpose(1, 2)[:, rev]                             # [B, nr, F]
+            dist = ((src * src).sum(-1, keepdim=True) - 2 * src @ phi1.transpose(1, 2)[:, None]
+                    + (phi1 * phi1).sum(-1)[:, None, None]).clamp_min(0)               # [B, M, D, nr]
+            w = torch.exp(-F.softplus(self.app_scale) * 10.0 * dist)
+            m_c = torch.einsum("bmdr,brd,bmr->bmd", w, m_r, att)                       # [B, M, D]
+        else:
+            m_c = att @ m_r                                                             # [B, M, D]
+        log_m = F.log_softmax(torch.log(m_c + 1e-8) + self.off_head(h_q), -1)
         zc = z[:, :, uy, ux].permute(0, 2, 3, 1)                                        # [B, M, D, bits]
         beta = self.log_beta.exp()
         eps = torch.sigmoid(self.eps_head(h_q)).squeeze(-1).clamp(1e-4, 1 - 1e-4)       # [B, M]

@@ -15,7 +15,9 @@ tensors [T, H, W, 3] (one per video, any T, equal H, W). Per sample, from a nump
 (seed, worker id, start step): a gap g uniform over the gaps in ``gap_range`` (inclusive) that fit some shot,
 then a pair (t, t + g) uniform over all pairs at that gap inside one shot (shots never span a cut), then a random
 time reversal (swap the frames) and a random horizontal flip (both frames). It yields float32 [3, H, W] frames in
-0..255. ``set_start_step(step)`` re-seeds the stream for a resumed run (the modules call it at train start).
+0..255. With ``out_size`` set, both frames are cropped to one random square of side s * min(H, W), s uniform in
+``crop_scale``, and area-resized to ``out_size`` (multi-scale training: the same motion seen at several zooms, as
+KL-tracing's zoom levels see it). ``set_start_step(step)`` re-seeds the stream for a resumed run (the modules call it at train start).
 
 Pure tensors: no file access here (Lightning's checkpointing is configured by the caller).
 """
@@ -53,7 +55,8 @@ class ClipPairDataset(IterableDataset):
     """
 
     def __init__(self, clips: Sequence, gap_range: Sequence[int] = (1, 4), seed: int = 0, flip: bool = True,
-                 reverse: bool = True, shots: Sequence | None = None, num_samples: int | None = None):
+                 reverse: bool = True, shots: Sequence | None = None, num_samples: int | None = None,
+                 out_size: int | None = None, crop_scale: Sequence[float] = (1.0, 1.0)):
         super().__init__()
         if len(clips) == 0:
             raise ValueError("ClipPairDataset needs at least one clip")
@@ -93,6 +96,14 @@ class ClipPairDataset(IterableDataset):
         self.reverse = bool(reverse)
         self.num_samples = None if num_samples is None else int(num_samples)
         self.start_step = 0
+        self.out_size = None if out_size is None else int(out_size)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        if self.out_size is not None:
+            lo_s, hi_s = self.crop_scale
+            if not (0 < lo_s <= hi_s <= 1):
+                raise ValueError(f"crop_scale must be 0 < lo <= hi <= 1, got {list(crop_scale)}")
+            if round(lo_s * min(size)) < self.out_size:
+                raise ValueError(f"crop_scale {lo_s} of {min(size)} px is smaller than out_size {self.out_size}")
 
     def set_start_step(self, step: int) -> None:
         """Re-seed the stream for a run resumed at ``step`` (so it does not replay the first pairs)."""
@@ -128,8 +139,23 @@ class ClipPairDataset(IterableDataset):
         n = 0
         while self.num_samples is None or n < self.num_samples:
             clip, t0, t1, flip, _ = self.sample_index(rng)
-            yield self._frame(clip, t0, flip), self._frame(clip, t1, flip)
+            f0, f1 = self._frame(clip, t0, flip), self._frame(clip, t1, flip)
+            if self.out_size is not None:
+                f0, f1 = self._crop(rng, f0, f1)
+            yield f0, f1
             n += 1
+
+    def _crop(self, rng: np.random.Generator, *frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        H, W = frames[0].shape[1:]
+        side = int(round(rng.uniform(*self.crop_scale) * min(H, W)))
+        y, x = int(rng.integers(H - side + 1)), int(rng.integers(W - side + 1))
+        out = []
+        for f in frames:
+            c = f[None, :, y:y + side, x:x + side]
+            if side != self.out_size:
+                c = torch.nn.functional.interpolate(c, size=(self.out_size, self.out_size), mode="area")
+            out.append(c[0])
+        return tuple(out)
 
 
 PairDataset = ClipPairDataset
