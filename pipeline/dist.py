@@ -60,6 +60,11 @@ def resolve_rank(env: Mapping[str, str] | None = None) -> RankInfo:
             raise InputError("$SLURM_ARRAY_TASK_COUNT", "missing while SLURM_ARRAY_TASK_ID is set")
         lo = _int(env, "SLURM_ARRAY_TASK_MIN", 0)
         step = _int(env, "SLURM_ARRAY_TASK_STEP", 1) or 1
+        hi = _int(env, "SLURM_ARRAY_TASK_MAX", None)
+        if hi is not None and (hi - lo) // step + 1 != count:
+            raise InputError(f"$SLURM_ARRAY_TASK_MIN={lo}, $SLURM_ARRAY_TASK_MAX={hi}, $SLURM_ARRAY_TASK_COUNT={count}",
+                             "the job array is not a range (e.g. --array=0,2,5): submit a range such as --array=0-7 "
+                             "(any range resumes any run)")
         index = (task - lo) // step
         k = _int(env, "SLURM_NTASKS", 1)
         proc = _int(env, "SLURM_PROCID", 0)
@@ -71,7 +76,12 @@ def resolve_rank(env: Mapping[str, str] | None = None) -> RankInfo:
     else:
         info = RankInfo()
     if info.world < 1 or not 0 <= info.rank < info.world:
-        raise InputError("rank environment", f"rank {info.rank} is not in [0, world={info.world}) ({info.launcher})")
+        names = {"torchrun": ("RANK", "WORLD_SIZE"),
+                 "slurm-array": ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+                                 "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"),
+                 "slurm": ("SLURM_PROCID", "SLURM_NTASKS")}[info.launcher]
+        given = ", ".join(f"${n}={env[n]}" for n in names if env.get(n) is not None)
+        raise InputError(given, f"rank {info.rank} is not in [0, world={info.world}) ({info.launcher})")
     return info
 
 

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "resize": 256,                    # TAP-Vid pickles: Lanczos resize to resize x resize (null: keep size)
     "query_mode": "first",            # first | strided
     "query_stride": 5,                # strided mode only
+    "gallery": {"dir": None, "num_pairs": 3, "num_points": 3, "gap": 1},  # teacher pictures (pipeline.gallery)
     # per-source options, e.g. --set sources.dis.preset=fast (defaults come from the flow-source registry)
     "sources": copy.deepcopy(FLOW_SOURCE_DEFAULTS),
 }
@@ -472,6 +473,8 @@ def add_arguments(parser) -> None:
                         help="option for the flow source(s), value parsed as YAML (repeatable); "
                              "same as --set sources.<name>.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--gallery", default=None, metavar="DIR",
+                        help="teacher sources: write predicted-frame and KL-map pictures here (pipeline.gallery)")
 
 
 def run(args, cfg) -> int:
@@ -510,6 +513,15 @@ def run(args, cfg) -> int:
     for src in sources:
         results[src.name] = evaluate_two_frame(dataset, src, query_mode=cfg["query_mode"],
                                                query_stride=cfg["query_stride"], progress=not args.no_progress)
+    gdir = getattr(args, "gallery", None) or cfg["gallery"].get("dir")
+    if gdir:
+        from .gallery import write_gallery
+
+        for src in sources:
+            if hasattr(src, "tracer"):
+                g = cfg["gallery"]
+                paths = write_gallery(src, dataset, Path(gdir) / src.name, g["num_pairs"], g["num_points"], g["gap"])
+                print(f"gallery {src.name}: {len(paths)} pictures -> {Path(gdir) / src.name}")
     print(format_table(results))
     for nm, res in results.items():
         print(f"{nm}: {res['seconds']:.1f} s, {res['track_calls']} two-frame calls")

@@ -1,11 +1,19 @@
 """``flowdistill inspect PATH``: statistics and pictures of label shards or a synthetic set.
 
-PATH is a shard, a directory of shards (a label-set version dir), a label-set dir with a ``LATEST`` file,
+PATH is a shard, a directory of shards, a label set (``<root>/<set>``: its ``LATEST`` version, or its newest
+version when none is complete yet), one label-set version dir (``<root>/<set>/vNNNN`` with ``version.json``),
 a brace pattern, or a synthetic set (a dir whose ``index.json`` says ``"kind": "synthetic"``). Every
 sample is read and validated; the command prints shard/sample/point counts, the visible fraction, score
 quantiles and histogram, motion-magnitude quantiles and image sizes, checks shards against their
 ``*.index.json`` when present, and writes ``stats.json`` plus N pictures (tracks frame 0 → frame 1 and
 colour-coded sparse flow) chosen reproducibly with ``--seed``.
+
+For a label-set version (``pipeline.manifest`` layout) it also reports the version, its identity (teacher id,
+tracer / sampling hashes), whether it is complete (``manifest.json``) and LATEST, the work units done and failed
+(ledgers reconciled with the shard indexes, plus errors, as ``manifest.covered_units`` does; a ``--keep-old``
+version counts its base's), the first failure reasons, each rank's last run summary, and shard files no index
+names (left by a killed writer; removed when that rank resumes). The samples read are those of the indexed
+shards (the base version's included), i.e. what a trainer reading the version gets.
 """
 from __future__ import annotations
 
@@ -46,7 +54,10 @@ def run(args, cfg) -> int:
 
 
 def _name_of(path) -> str:
-    name = Path(str(path).split("::")[0]).name or "shards"
+    p = Path(str(path).split("::")[0])
+    name = p.name or "shards"
+    if (p / "version.json").is_file():          # a label-set version: <set>_<version>
+        name = f"{p.resolve().parent.name}_{name}"
     for ch in "{}*?":
         name = name.replace(ch, "_")
     return name[:-4] if name.endswith(".tar") else name
@@ -124,11 +135,14 @@ def render_pair(frame0, frame1, p0, p1, visible, title: str, max_points: int, se
 # ------------------------------------------------------------------------------------------- shards
 
 def _resolve(path) -> tuple[str, object]:
-    """→ ("synthetic", dir) or ("shards", list of shard paths)."""
+    """→ ("synthetic", dir), ("label_set", (set dir, version, note)) or ("shards", list of shard paths)."""
     from .common import InputError
     from .shards import list_shards
 
     p = Path(str(path))
+    found = _label_set_version(p)
+    if found is not None:
+        return "label_set", found
     if p.is_dir():
         idx = p / "index.json"
         if idx.is_file():
@@ -229,6 +243,94 @@ def _shard_stats(shards: list[str], num: int, seed: int, cfg: dict) -> tuple[dic
     return stats, pictures
 
 
+# ---------------------------------------------------------------------------------------- label sets
+
+def _label_set_version(p: Path):
+    """(set dir, version name, note) when ``p`` is a label-set version dir (``version.json``) or a label set
+    whose LATEST (or, lacking LATEST, newest) version has one; else None (plain shard directories)."""
+    from . import manifest as mf
+
+    if not p.is_dir():
+        return None
+    if (p / "version.json").is_file():
+        return p.parent, p.name, None
+    latest = p / "LATEST"
+    if latest.is_file():
+        name = latest.read_text(encoding="utf-8").strip()
+        if (p / name / "version.json").is_file():
+            return p, name, None
+        return None                     # LATEST over bare shard dirs: inspected as plain shards
+    versions = mf.list_versions(p)
+    if versions:
+        return p, versions[-1], f"no LATEST (no version complete yet): inspecting the newest version {versions[-1]}"
+    return None
+
+
+def _label_set_info(sdir: Path, vname: str, note: str | None) -> tuple[dict, list[str]]:
+    """Version-level facts (identity, completeness, units, failures, rank summaries, stray files) and the paths
+    of the version's indexed shards that exist (its base's included)."""
+    from . import manifest as mf
+    from .common import InputError
+
+    vdir = sdir / vname
+    vinfo = mf.read_version(vdir)
+    try:
+        latest = mf.latest(sdir)
+    except InputError:
+        latest = None
+    manifest = mf.read_manifest(vdir) if (vdir / "manifest.json").is_file() else None
+    done, failed = mf.covered_units(sdir, vname)
+    own = mf.read_state(vdir)
+    shards = mf.version_shards(sdir, vname)
+    paths = [vdir / e["shard"] for e in shards]
+    indexed = {e["shard"] for e in shards}
+    stray = sorted(q.name for q in vdir.iterdir()
+                   if (q.name.endswith(".tar") and q.name not in indexed) or q.name.endswith(".tar.partial"))
+    ranks = {}
+    for q in sorted(vdir.glob("summary-*.json")):
+        try:
+            s = json.loads(q.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        ranks[q.stem.split("-", 1)[1]] = {k: s.get(k) for k in (
+            "world", "launcher", "units_assigned", "units_done", "units_failed", "source_errors", "pairs", "queries",
+            "seconds_labeling", "pairs_per_s", "queries_per_s", "model_fraction", "stopped")}
+    ledger_samples = sum(int(r.get("samples", 0)) for r in done.values() if "samples" in r)
+    source_errors = []                 # bad inputs that are no work unit (each run re-records them: deduplicated)
+    for q in sorted(vdir.glob("errors-*.jsonl")):
+        for r in mf._read_jsonl(q):
+            rec = {"input": r.get("input"), "reason": r.get("reason")}
+            if r.get("unit") is None and rec not in source_errors:
+                source_errors.append(rec)
+    info = {
+        "set": sdir.name, "set_dir": str(sdir), "version": vname, "note": note,
+        "latest": latest, "is_latest": latest == vname,
+        "identity": vinfo.get("identity"), "created": vinfo.get("created"), "base": vinfo.get("base"),
+        "teacher": vinfo.get("teacher"), "teacher_dir": vinfo.get("teacher_dir"),
+        "complete": manifest is not None,
+        # complete: the manifest's counts (over the units of the sources it was finished with); else what the
+        # ledgers, shard indexes and error files record so far
+        "units": {
+            "total": manifest["units"]["total"] if manifest else None,
+            "done": manifest["units"]["done"] if manifest else len(done),
+            "failed": manifest["units"]["failed"] if manifest else len(failed),
+            "recorded_done": len(done), "recorded_failed": len(failed),
+            "done_here": len(own["done"]),
+            "recovered_from_shards": sum(1 for r in own["done"].values() if "recovered_from" in r),
+        },
+        "source_errors": source_errors[:20],
+        "failures": [{"unit": u, "input": r.get("input"), "reason": r.get("reason"), "stage": r.get("stage")}
+                     for u, r in sorted(failed.items())][:20],
+        "samples_in_index": sum(int(e["samples"]) for e in shards),
+        "samples_in_ledger": ledger_samples,
+        "manifest_samples": manifest["samples"] if manifest else None,
+        "ranks": ranks,
+        "stray_files": stray,
+        "missing_shards": [e["shard"] for e, q in zip(shards, paths) if not q.is_file()],
+    }
+    return info, [str(q) for q in paths if q.is_file()]
+
+
 # ---------------------------------------------------------------------------------------- synthetic
 
 def _synthetic_stats(path: Path, num: int, seed: int, cfg: dict) -> tuple[dict, list]:
@@ -281,8 +383,44 @@ def _synthetic_stats(path: Path, num: int, seed: int, cfg: dict) -> tuple[dict, 
 
 def format_stats(stats: dict) -> str:
     """Human-readable summary of ``stats`` (what the command prints)."""
-    lines = [f"{stats['path']}  ({stats['kind']})"]
-    if stats["kind"] == "shards":
+    lines = [f"{stats['path']}  ({stats['kind'].replace('_', ' ')})"]
+    ls = stats.get("label_set")
+    if ls:
+        if ls.get("note"):
+            lines.append(f"  NOTE: {ls['note']}")
+        ident = ls["identity"] or {}
+        lines.append(f"  label set {ls['set']}  version {ls['version']}  "
+                     f"{'complete' if ls['complete'] else 'INCOMPLETE (no manifest.json)'}  "
+                     f"LATEST {ls['latest'] or '-'}{' (this version)' if ls['is_latest'] else ''}"
+                     + (f"  base {ls['base']}" if ls["base"] else ""))
+        lines.append(f"  identity: teacher {ident.get('teacher_id')}  tracer {ident.get('tracer_hash')}  "
+                     f"sampling {ident.get('sampling_hash')}   created {ls['created']}")
+        u = ls["units"]
+        total = f" of {u['total']}" if u["total"] is not None else " (total known once complete)"
+        lines.append(f"  units: {u['done']} done, {u['failed']} failed{total}"
+                     + (f"; {u['recovered_from_shards']} recovered from shard indexes (no ledger line)"
+                        if u["recovered_from_shards"] else ""))
+        for f in ls["failures"][:5]:
+            lines.append(f"    failed {f['unit']}: {f['input']}: {f['reason']}")
+        if u["recorded_failed"] > 5:
+            lines.append(f"    … {u['recorded_failed'] - 5} more (errors-*.jsonl)")
+        for f in ls["source_errors"][:5]:
+            lines.append(f"    source error (no work unit): {f['input']}: {f['reason']}")
+        if ls["complete"] and ls["manifest_samples"] != stats["samples"]:
+            lines.append(f"  WARNING: manifest.json says {ls['manifest_samples']} samples, the shards hold "
+                         f"{stats['samples']}")
+        for r, s in ls["ranks"].items():
+            frac = s.get("model_fraction")
+            lines.append(f"  rank {r}/{s.get('world')} last run: {s.get('units_done')} units done, "
+                         f"{s.get('units_failed')} failed"
+                         + (f" (+{s['source_errors']} bad inputs)" if s.get("source_errors") else "")
+                         + f", {s.get('pairs')} pairs, {s.get('pairs_per_s')} pairs/s"
+                         + (f", {100 * frac:.0f}% in the model" if frac is not None else "")
+                         + (f", stopped by {s['stopped']}" if s.get("stopped") else ""))
+        if ls["stray_files"]:
+            lines.append(f"  {len(ls['stray_files'])} shard file(s) no index names (a killed writer; removed on "
+                         f"resume): " + ", ".join(ls["stray_files"][:5]))
+    if stats["kind"] in ("shards", "label_set"):
         pps = stats["points_per_sample"]
         lines.append(f"  shards {stats['shards']}   samples {stats['samples']}   videos {stats['videos']}   "
                      f"points {stats['points']}" + (f" ({pps['min']}..{pps['max']}, mean {pps['mean']:.1f} per sample)"
@@ -320,7 +458,8 @@ def format_stats(stats: dict) -> str:
 
 def inspect_path(path, out, num: int = 8, seed: int = 0, max_points: int | None = None, *,
                  reservoir: int | None = None, hist_bins: int | None = None, verbose: bool = True) -> dict:
-    """Read PATH (shards or a synthetic set), write ``stats.json`` and ``num`` PNGs under ``out``.
+    """Read PATH (shards, a label set / version or a synthetic set), write ``stats.json`` and ``num`` PNGs under
+    ``out``.
 
     Returns the statistics dict (with ``pictures``: the PNG paths written).
     """
@@ -334,6 +473,12 @@ def inspect_path(path, out, num: int = 8, seed: int = 0, max_points: int | None 
     kind, target = _resolve(path)
     if kind == "synthetic":
         stats, pictures = _synthetic_stats(target, num, seed, cfg)
+    elif kind == "label_set":
+        info, shards = _label_set_info(*target)
+        stats, pictures = _shard_stats(shards, num, seed, cfg)
+        stats = {**stats, "kind": "label_set", "label_set": info}
+        missing = set(stats["index"]["missing"]) | {Path(m).name for m in info["missing_shards"]}
+        stats["index"]["missing"] = sorted(missing)
     else:
         stats, pictures = _shard_stats(target, num, seed, cfg)
     out = Path(out)

@@ -24,6 +24,7 @@ rank, 2 for bad configuration or an unwritable output, 143 when stopped by SIGTE
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -365,18 +366,26 @@ class _Writer(threading.Thread):
                     break
 
     def put(self, job) -> None:
+        """Queue a job; a no-op once the thread has stopped (on an error the caller reads ``error``)."""
         while self.is_alive():
             try:
                 self.q.put(job, timeout=0.5)
                 return
             except queue.Full:
                 continue
-        if self.error is not None:
-            raise self.error
 
 
 class _Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _writing(vdir: Path):
+    """An OSError while writing the version's files (disk full, read-only, ...) -> InputError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(vdir, f"cannot write the output directory: {e}") from None
 
 
 def _on_sigterm(signum, frame):
@@ -405,18 +414,26 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
         raise InputError(vdir, f"output directory is not writable: {e}") from None
     vinfo = mf.read_version(vdir)
     created = vinfo["created"]
-    cleaned = mf.clean_prefix(vdir, info.rank)
-    if info.rank == 0:
-        for r in mf.stale_prefixes(vdir, info.world):
-            mf.clean_prefix(vdir, r)
+    with _writing(vdir):
+        cleaned = mf.clean_prefix(vdir, info.rank)
+        if info.rank == 0:
+            for r in mf.stale_prefixes(vdir, info.world):
+                mf.clean_prefix(vdir, r)
     teacher = vinfo["teacher"]
     mine = [u for u in plan.todo if owner(u, info.world) == info.rank]
     errors = ErrorLog(mf.errors_path(vdir, info.rank))
     if info.rank == 0:
-        for rec in src_errors.records:
-            errors.record(rec["input"], rec["reason"], unit=None, stage="sources")
-    failed_here = len(src_errors.records) if info.rank == 0 else 0
+        with _writing(vdir):
+            for rec in src_errors.records:
+                errors.record(rec["input"], rec["reason"], unit=None, stage="sources")
+    source_failed = len(src_errors.records) if info.rank == 0 else 0   # bad inputs that never became a unit
+    failed_here = 0
 
+    if str(cfg["device"]) == "cuda":              # several ranks per machine: one GPU each, by local rank
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            cfg["device"] = f"cuda:{info.local_rank % torch.cuda.device_count()}"
     tracker = Tracker(cfg) if mine else None
     writer = _Writer(vdir, info.rank, cfg, cleaned["next_shard"])
     writer.start()
@@ -434,7 +451,13 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
                     break
                 except queue.Full:
                     continue
-        work_q.put(None)
+        while True:                              # the end marker; never block once the consumer stopped
+            try:
+                work_q.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                if stop.is_set():
+                    break
 
     producer = threading.Thread(target=produce, daemon=True, name=f"label-decode-{info.rank}")
     old = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -463,7 +486,8 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
                 raise
             except Exception as e:
                 reason = e.reason if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
-                errors.record(w.item.uri, reason, unit=w.item.id)
+                with _writing(vdir):
+                    errors.record(w.item.uri, reason, unit=w.item.id)
                 failed_here += 1
             else:
                 pairs += len(samples)
@@ -478,7 +502,7 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
     except _Stop as e:                      # SIGTERM (scancel, preemption): publish what is complete, stop
         stopped = str(e)
         stop.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # srun forwards TERM twice; KILL is the hard stop
         try:
             writer.put(None)
         except BaseException:
@@ -492,6 +516,8 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
             bar.close()
     if writer.error is not None:
         e = writer.error
+        with contextlib.suppress(OSError):   # the open shard's temporary, or a shard renamed but never indexed
+            mf.clean_prefix(vdir, info.rank)
         raise InputError(vdir, f"writing shards failed, nothing half-written was published: "
                                f"{type(e).__name__}: {e}") from None
     t_end = time.perf_counter()
@@ -500,6 +526,7 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
     summary = {
         "set": sdir.name, "version": vname, "rank": info.rank, "world": info.world, "launcher": info.launcher,
         "units_assigned": len(mine), "units_done": writer.units_done, "units_failed": failed_here,
+        "source_errors": source_failed,
         "pairs": pairs, "queries": queries, "samples_written": writer.samples,
         "seconds_total": round(t_end - t_start, 3), "seconds_labeling": round(wall, 3),
         "seconds_model": round(model_s, 3),
@@ -508,9 +535,10 @@ def run_label(cfg: dict, info: RankInfo | None = None, *, create: bool = True) -
         "model_fraction": round(model_s / wall, 4) if wall > 0 else None,
         "cleaned": cleaned, "stopped": stopped,
     }
-    atomic_write_json(vdir / f"summary-{info.rank}.json", summary)
+    with _writing(vdir):
+        atomic_write_json(vdir / f"summary-{info.rank}.json", summary)
+        man = None if stopped is not None else mf.finalize(sdir, vname, plan.units.keys(), src_errors.records)
     if stopped is None:
-        man = mf.finalize(sdir, vname, plan.units.keys())
         summary["complete"] = man is not None
         if man is not None:
             summary["manifest"] = {k: man[k] for k in ("units", "samples")}
@@ -549,7 +577,9 @@ def format_summary(summary: dict) -> str:
     pps = "-" if s["pairs_per_s"] is None else f"{s['pairs_per_s']:.3f}"
     qps = "-" if s["queries_per_s"] is None else f"{s['queries_per_s']:.1f}"
     line = (f"label {s['set']}/{s['version']} rank {s['rank']}/{s['world']}: units {s['units_done']} done, "
-            f"{s['units_failed']} failed of {s['units_assigned']}; {s['pairs']} pairs, {s['queries']} queries; "
+            f"{s['units_failed']} failed of {s['units_assigned']}"
+            + (f" (+{s['source_errors']} bad inputs)" if s.get("source_errors") else "")
+            + f"; {s['pairs']} pairs, {s['queries']} queries; "
             f"{pps} pairs/s, {qps} queries/s, {frac} of the time in the model")
     if s.get("stopped"):
         line += f"; stopped by {s['stopped']} (run again to resume)"
@@ -561,7 +591,7 @@ def format_summary(summary: dict) -> str:
 def exit_status(summary: dict) -> int:
     if summary.get("stopped"):
         return 143
-    n = int(summary["units_failed"])
+    n = int(summary["units_failed"]) + int(summary.get("source_errors", 0))
     return 0 if n == 0 else FAILED_EXIT_BASE + min(n, 63)
 
 

@@ -12,7 +12,7 @@
         errors-<r>.jsonl          failed work units with the reason (pipeline.common.ErrorLog lines)
         summary-<r>.json          the rank's last run: pairs/s, queries/s, fraction of time in the model
         manifest.json             written when every work unit is done or failed: all shards, counts
-        errors.jsonl              all ranks' failures merged (written with manifest.json)
+        errors.jsonl              all ranks' failures + the sources' errors, merged (written with manifest.json)
 
 A version's identity is (teacher id, tracer config hash, sampling config hash); ``resolve_version`` finds the
 version with the caller's identity or creates the next one (a directory renamed into place, so concurrent ranks
@@ -125,12 +125,18 @@ def resolve_version(sdir: str | os.PathLike, ident: dict, settings: dict, *, bas
         nums = [int(_VERSION_RE.match(v).group(1)) for v in list_versions(sdir)]
         taken = [int(m.group(1)) for p in (sdir.iterdir() if sdir.is_dir() else []) if (m := _VERSION_RE.match(p.name))]
         name = version_name(max(nums + taken + [0]) + 1)
-        sdir.mkdir(parents=True, exist_ok=True)
         tmp = sdir / f".{name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
         info = {"format": VERSION_FORMAT, "set": sdir.name, "version": name, "identity": ident, "base": base,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings}
-        atomic_write_json(tmp / "version.json", info)
+        try:
+            sdir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            atomic_write_json(tmp / "version.json", info)
+        except OSError as e:          # read-only, full, or a file where a directory should be
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+            raise InputError(sdir, f"cannot create a label-set version here (output directory not writable): "
+                                   f"{e.strerror or e}") from None
         try:
             os.rename(tmp, sdir / name)
             return name, True
@@ -311,10 +317,13 @@ def covered_units(sdir: Path, vname: str) -> tuple[dict, dict]:
     return done, failed
 
 
-def finalize(sdir: str | os.PathLike, vname: str, units: Iterable[str]) -> dict | None:
+def finalize(sdir: str | os.PathLike, vname: str, units: Iterable[str],
+             source_errors: Iterable[dict] = ()) -> dict | None:
     """If every unit is done or failed: write manifest.json and the merged errors.jsonl (atomically), move LATEST
     to this version if it is newer than LATEST's, and return the manifest; else None. Idempotent; safe to call
-    from several ranks."""
+    from several ranks. ``source_errors``: the sources' bad inputs that are no work unit (a missing path, a
+    corrupt tar member; ``ErrorLog`` records of the caller's listing), added to errors.jsonl after the failed
+    units with ``unit: null, stage: "sources"``."""
     sdir = Path(sdir)
     vdir = sdir / vname
     units = sorted(set(units))
@@ -333,6 +342,7 @@ def finalize(sdir: str | os.PathLike, vname: str, units: Iterable[str]) -> dict 
         "unit_ids": units,
     }
     errs = [failed[u] for u in units if u in failed]
+    errs += [{**r, "unit": None, "stage": "sources"} for r in source_errors]
     atomic_write_text(vdir / "errors.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in errs))
     atomic_write_json(vdir / "manifest.json", manifest)
     cur = latest(sdir) if (sdir / "LATEST").exists() else None

@@ -55,9 +55,11 @@ class _HashingFile:
 
     def close(self) -> None:
         if not self.f.closed:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+            try:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            finally:                     # a failed flush (disk full) must not leak the handle
+                self.f.close()
 
 
 def shard_name(prefix: str, number: int) -> str:

@@ -195,3 +195,119 @@ def test_inspect_cli_real_synthetic_set(tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["kind"] == "synthetic" and stats["videos"] == 2 and stats["image_sizes"] == {"64x48": 2}
     assert 0 < stats["points"] <= 48 and len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+# ------------------------------------------------------------------------------------- label-set versions
+
+@pytest.fixture(scope="module")
+def label_set(tmp_path_factory):
+    """A real label set made by ``flowdistill label``: 3 good synthetic videos (2 pairs x 8 points each), one
+    file that is not a video (a failed unit) and a missing path (a source error, no unit). Returns (root, set
+    dir)."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import badinputs
+    from labelkit import REPO, clean_env, label_cmd, make_teacher, make_videos
+
+    from pipeline.label import FAILED_EXIT_BASE
+
+    base = tmp_path_factory.mktemp("inspect_labels")
+    teacher = make_teacher(base / "teacher")
+    vids = make_videos(base / "vids", 3, seed=3, prefix="ins")
+    bad = base / "bad"
+    bad.mkdir()
+    badinputs.write_non_video(bad / "not_video.mp4")
+    root = base / "root"
+    r = subprocess.run(label_cmd([vids, bad, base / "missing.mp4"], teacher, root, "t"), capture_output=True,
+                       text=True, cwd=REPO, env=clean_env())
+    assert r.returncode == FAILED_EXIT_BASE + 2, r.stdout + r.stderr
+    return root, root / "t"
+
+
+def _read_all_tracks(vdir: Path) -> np.ndarray:
+    from pipeline import manifest as mf
+    from pipeline.shards import iter_samples
+
+    return np.concatenate([s.tracks for e in mf.read_manifest(vdir)["shards"] for s in iter_samples(vdir / e["shard"])])
+
+
+def test_inspect_label_set_complete(label_set, tmp_path, capsys):
+    from pipeline import manifest as mf
+
+    root, sdir = label_set
+    vdir = sdir / "v0001"
+    man = mf.read_manifest(vdir)
+    tracks = _read_all_tracks(vdir)
+    out = tmp_path / "out"
+    assert cli.main(["inspect", str(sdir), "--out", str(out), "--num", "3"]) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    ls = stats["label_set"]
+    assert stats["kind"] == "label_set" and ls["set"] == "t" and ls["version"] == "v0001"
+    assert ls["complete"] and ls["is_latest"] and ls["latest"] == "v0001" and ls["base"] is None
+    assert ls["identity"] == mf.read_version(vdir)["identity"] and ls["identity"]["teacher_id"]
+    assert ls["units"] == {"total": 4, "done": 3, "failed": 1, "recorded_done": 3, "recorded_failed": 1,
+                           "done_here": 3, "recovered_from_shards": 0}
+    assert len(ls["source_errors"]) == 1 and "missing.mp4" in ls["source_errors"][0]["input"]
+    assert len(ls["failures"]) == 1 and "not_video.mp4" in ls["failures"][0]["input"]
+    assert ls["failures"][0]["reason"]
+    assert ls["stray_files"] == [] and ls["missing_shards"] == []
+    assert ls["ranks"]["0"]["units_done"] == 3 and ls["ranks"]["0"]["units_failed"] == 1
+    assert ls["ranks"]["0"]["source_errors"] == 1
+    # samples / points / visible fraction / scores are those of the manifest's shards
+    assert stats["samples"] == man["samples"] == ls["manifest_samples"] == ls["samples_in_index"] == 6
+    assert stats["shards"] == len(man["shards"]) and stats["index"]["verified"] == stats["shards"]
+    assert stats["points"] == len(tracks) == 6 * 8 and stats["videos"] == 3
+    assert stats["visible_fraction"] == pytest.approx(float((tracks[:, 4] > 0.5).mean()))
+    assert sum(stats["score"]["histogram"]["counts"]) == len(tracks)
+    assert stats["score"]["quantiles"]["1"] == pytest.approx(float(tracks[:, 5].max()), rel=1e-6)
+    assert stats["versions"] == {"v0001": 6} and stats["label_sets"] == {"t": 6}
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3 and [str(p) for p in pngs] == stats["pictures"]
+    assert cv2.imread(str(pngs[0])) is not None
+    assert "label set t  version v0001  complete  LATEST v0001 (this version)" in printed
+    assert "units: 3 done, 1 failed of 4" in printed and "failed " in printed and "not_video.mp4" in printed
+    assert "source error (no work unit): " in printed and "missing.mp4" in printed
+    assert "samples 6" in printed and "score:" in printed and "rank 0/1 last run: 3 units done" in printed
+    # the version dir itself gives the same summary
+    again = inspect_path(vdir, tmp_path / "out2", num=3, verbose=False)
+    assert again["label_set"] == ls
+    assert {k: again[k] for k in ("samples", "points", "visible_fraction", "score")} == \
+           {k: stats[k] for k in ("samples", "points", "visible_fraction", "score")}
+    assert [Path(p).name for p in again["pictures"]] == [p.name for p in pngs]
+
+
+def test_inspect_label_set_incomplete_and_stray_files(label_set, tmp_path, capsys):
+    import shutil
+
+    _, sdir = label_set
+    sdir2 = tmp_path / "t"
+    shutil.copytree(sdir, sdir2)
+    vdir = sdir2 / "v0001"
+    (sdir2 / "LATEST").unlink()
+    (vdir / "manifest.json").unlink()
+    ledger = vdir / "ledger-0.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(lines[1:]))                      # a kill before this unit's ledger line
+    first = sorted(vdir.glob("labels-0-*.tar"))[0]
+    shutil.copy(first, vdir / "labels-0-000099.tar")           # a kill between rename and index update
+    (vdir / ".labels-0-000100.tar.partial").write_bytes(b"x")  # a kill mid-shard
+    stats = inspect_path(sdir2, tmp_path / "out", num=1, verbose=True)
+    printed = capsys.readouterr().out
+    ls = stats["label_set"]
+    assert ls["version"] == "v0001" and not ls["complete"] and ls["latest"] is None and not ls["is_latest"]
+    assert "no LATEST" in ls["note"]
+    assert ls["units"]["total"] is None and ls["units"]["done"] == 3 and ls["units"]["failed"] == 1
+    assert ls["units"]["recovered_from_shards"] == 1
+    assert ls["stray_files"] == [".labels-0-000100.tar.partial", "labels-0-000099.tar"]
+    assert stats["samples"] == 6                                # the unindexed copy is not counted
+    assert "INCOMPLETE" in printed and "(total known once complete)" in printed
+    assert "1 recovered from shard indexes" in printed and "2 shard file(s) no index names" in printed
+    # an indexed shard that went missing is reported, the rest is still read
+    (vdir / "labels-0-000099.tar").unlink()
+    first.unlink()
+    stats = inspect_path(vdir, tmp_path / "out", num=1, verbose=True)
+    assert stats["index"]["missing"] == [first.name] and stats["label_set"]["missing_shards"] == [first.name]
+    assert stats["samples"] < 6
+    assert "WARNING: 1 shard(s) named in an index are missing" in capsys.readouterr().out
