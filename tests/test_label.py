@@ -623,3 +623,11 @@ def test_owner_is_stable_and_balanced():
         assert sum(is_mine(u, RankInfo(0, world)) for u in ids) == counts[0]
     with pytest.raises(ValueError):
         owner("abc", 0)
+
+
+def test_default_yaml_equals_builtin_defaults():
+    from pipeline.config import load_config
+    from pipeline.label import DEFAULTS
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/label/default.yaml"), [], DEFAULTS)
+    assert cfg == DEFAULTS
