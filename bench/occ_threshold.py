@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=32)
     ap.add_argument("--seed", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plain", action="store_true",
+                    help="the default synthetic config (few occlusions); default: more, larger, faster sprites")
     ap.add_argument("--notes", default=str(ROOT / "bench" / "NOTES.md"))
     args = ap.parse_args(argv)
 
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
         cfg = dict(synthetic.DEFAULTS)
         cfg.update({"seed": args.seed, "num_videos": args.videos, "num_frames": args.frames, "name_prefix": "calib",
                     "points": {**synthetic.DEFAULTS["points"], "per_video": args.points}})
+        if not args.plain:      # training textures, but more occlusion so the threshold has something to separate
+            cfg.update({"num_sprites": [8, 12], "sprite_size": [0.15, 0.3],
+                        "motion": {**synthetic.DEFAULTS["motion"], "max_speed": 8.0, "cross_edge_prob": 0.8}})
         synthetic.write_set(Path(tmp) / "set", cfg)
         items = synthetic.load_set(Path(tmp) / "set")
     scores, occluded = [], []
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
         "",
         f"- machine: {platform.machine()}, {platform.python_version()}, threads {args.threads}; {secs:.0f} s",
         f"- teacher: {args.teacher}; tracer num_masks {args.num_masks}, zoom_levels {args.zoom_levels}",
-        f"- data: pipeline/synthetic.py defaults (noise + blobs textures), seed {args.seed}, {args.videos} videos x "
+        f"- data: pipeline/synthetic.py {'defaults' if args.plain else 'with 8-12 sprites of 0.15-0.3, speed 8'} "
+        f"(noise + blobs textures), seed {args.seed}, {args.videos} videos x "
         f"{args.frames} frames, {args.points} points; pairs (0, t); {len(s)} queries, {int(o.sum())} occluded",
         f"- peak KL: visible median {np.median(s[~o]):.3g}, occluded median "
         f"{(np.median(s[o]) if o.any() else float('nan')):.3g}; AUC {a:.3f}",

@@ -94,9 +94,10 @@ def run(args, cfg) -> int:
 
     lab = dict(cfg["label"])
     if lab["teacher"] is None:
-        import teacher
+        import importlib.util
 
-        lab["teacher"] = str(Path(teacher.__file__).resolve().parent / "weights" / "tiny")
+        pkg = Path(importlib.util.find_spec("teacher.checkpoints").origin).resolve().parent
+        lab["teacher"] = str(pkg / "weights" / "tiny")
     import shutil
 
     shutil.rmtree(out / "labels", ignore_errors=True)     # the demo labels its freshly made videos from scratch
