@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from notes import write_notes  # bench/notes.py
 import torch
 import torch.nn.functional as F
 
@@ -331,19 +332,6 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def write_notes(path: Path, text: str) -> None:
-    begin, end = "<!-- bench/kltrace.py:begin -->", "<!-- bench/kltrace.py:end -->"
-    section = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark notes\n\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip() + "\n\n" + section
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: parts 1 and 4 only, smaller subsets")
@@ -412,7 +400,7 @@ def main(argv=None) -> int:
             *[f"RESULT {n} {v:.4g}" for n, v in RESULTS],
             "```",
         ]
-        write_notes(Path(notes), "\n".join(text))
+        write_notes(Path(notes), "\n".join(text), "bench/kltrace.py")
         print(f"notes -> {notes}")
     return 0
 

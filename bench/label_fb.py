@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from notes import machine_line, write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,20 +59,6 @@ SYNTH = {                                 # more occlusion than configs/synth/de
 
 def result(name, value):
     RESULTS.append((name, float(value)))
-
-
-def write_notes(path: Path, text: str, tag: str) -> None:
-    """Replace (or append) this script's section of NOTES.md, keeping everything else."""
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    section = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark notes\n\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip() + "\n\n" + section
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class DenseTrack:
@@ -180,12 +165,7 @@ def main(argv=None) -> int:
     from pipeline.flowsources import make_flow_source
 
     torch.set_num_threads(args.threads)
-    try:
-        load = " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        load = "?"
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs (shared; load avg "
-               f"{load} at start), torch {torch.__version__}, {args.threads} thread(s)")
+    machine = machine_line(args.threads)
     t_start = time.perf_counter()
     own = args.scratch is None
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fd_bench_label_fb_", dir="/tmp"))

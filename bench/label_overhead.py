@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from notes import machine_line, write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,31 +53,6 @@ RESULTS: list[tuple[str, float]] = []
 
 def result(name, value):
     RESULTS.append((name, float(value)))
-
-
-def write_notes(path: Path, text: str, tag: str) -> None:
-    """Replace (or append) this script's section of NOTES.md, keeping everything else."""
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    section = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark notes\n\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip() + "\n\n" + section
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def machine_line(threads: int) -> str:
-    import torch
-
-    try:
-        load = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        load = ["?"]
-    return (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs (shared; load avg "
-            f"{' '.join(load)} at start), torch {torch.__version__}, {threads} torch thread(s), fp32")
 
 
 def decode_all(units: dict, cfg: dict):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from notes import write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,15 +103,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.notes:
-        p = Path(args.notes)
-        old = p.read_text() if p.exists() else "# Benchmark notes\n"
-        start, end = "<!-- occ_threshold:begin -->", "<!-- occ_threshold:end -->"
-        block = f"{start}\n{text}\n{end}"
-        if start in old and end in old:
-            old = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-        else:
-            old = old.rstrip("\n") + "\n\n" + block + "\n"
-        p.write_text(old)
+        write_notes(Path(args.notes), text, "occ_threshold")
     return 0
 
 

@@ -19,7 +19,7 @@ inductive biases that make the prediction depend on *where* frame-0 content went
 
 Two optional biases sharpen the pooling (``appearance``, ``dist_bias``, both on by default):
        m_c(d) = sum_r a_{c,r} m_r(d) exp(-s_app ||phi0(c - d) - phi1(r)||^2),
-       a_{c,r} = softmax_r(<W_q h_c, W_k h_r> / sqrt(k) - s_dist |c - r|^2 / G^2),
+       a_{c,r} = softmax_r(<W_q h_c, W_k h_r> / sqrt(k) - s_dist |c - r|^2),     (|c - r| in patches)
    where phi = (mean, std) of a 4x4 block's RGB in [0, 1]: a revealed patch votes for offset d at c in proportion to
    how much the frame-0 content that d would bring into c looks like the revealed patch's own frame-1 content (so a
    patch on a moving object takes the object's motion, not the background's), and nearby patches count more.
@@ -59,12 +59,17 @@ class TinyTeacherConfig:
                                   # renormalised); 0 = all (2 radius + 1)^2. Training always uses all.
     appearance: bool = True       # offset votes weighted by frame-0 source vs revealed frame-1 appearance
     dist_bias: bool = True        # pooling attention penalises the distance between query and revealed patch
+    dist_init: float | None = None  # dist_bias weight per squared cell distance, learned in log space (0.125:
+                                  # a Gaussian of 2 cells); None: the first bundle's softplus(s) / grid^2 form,
+                                  # whose optimiser steps are ~1000x too small to reach a local kernel
 
     def __post_init__(self):
         if self.patch != 4:
             raise ValueError("TinyTeacherConfig.patch must be 4 (one LPQ code per patch)")
         if self.image_size % self.patch or self.image_size <= 0:
             raise ValueError(f"image_size {self.image_size} must be a positive multiple of {self.patch}")
+        if self.dist_init is not None and not self.dist_init > 0:
+            raise ValueError(f"dist_init must be > 0 or null, got {self.dist_init!r}")
         if self.lpq_preset not in LPQ_PRESETS:
             raise ValueError(f"unknown lpq_preset {self.lpq_preset!r}")
 
@@ -98,8 +103,10 @@ class TinyTeacher(nn.Module):
         self.log_beta = nn.Parameter(torch.tensor(math.log(4.0)))
         if c.appearance:
             self.app_scale = nn.Parameter(torch.tensor(3.0))   # softplus -> weight on -||phi0(c-d) - phi1(r)||^2
-        if c.dist_bias:
+        if c.dist_bias and c.dist_init is None:
             self.dist_scale = nn.Parameter(torch.tensor(0.0))  # softplus -> weight on -|c - r|^2 / grid^2
+        elif c.dist_bias:
+            self.log_dist = nn.Parameter(torch.tensor(math.log(c.dist_init)))  # exp -> weight on -|c - r|^2
         r = torch.arange(-c.radius, c.radius + 1)
         offs = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)      # [D, 2] (dy, dx)
         self.register_buffer("offsets", offs, persistent=False)
@@ -209,7 +216,11 @@ class TinyTeacher(nn.Module):
         g, p = self.grid, self.config.patch
         if self.config.dist_bias:
             d2 = ((masked[:, None] // g - rev[None] // g) ** 2 + (masked[:, None] % g - rev[None] % g) ** 2)
-            logits = logits - F.softplus(self.dist_scale) * d2.to(logits.dtype) / float(g * g)
+            if self.config.dist_init is None:
+                scale = F.softplus(self.dist_scale) / float(g * g)
+            else:
+                scale = self.log_dist.exp()
+            logits = logits - scale * d2.to(logits.dtype)
         att = F.softmax(logits, -1)
         z, M = self.block_logits(frame0)
         cy, cx = (masked // g) * p, (masked % g) * p

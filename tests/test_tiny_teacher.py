@@ -106,3 +106,30 @@ def test_top_offsets_is_a_close_normalised_approximation(model):
     assert torch.allclose(top.exp().sum(-1), torch.ones_like(top[..., 0]), atol=1e-4)
     kl = (full.exp() * (full - top)).sum(-1)
     assert float(kl.max()) < 0.5 and float(kl.mean()) < 0.05
+
+
+def test_dist_init_is_a_log_space_locality_prior():
+    """dist_init: the pooling attention's distance weight lives in log space (learnable at Adam's step size); a
+    strong one makes a masked patch take the motion of its nearest revealed patch. The legacy form stays loadable."""
+    legacy = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2))
+    assert hasattr(legacy, "dist_scale") and not hasattr(legacy, "log_dist")
+    with pytest.raises(ValueError, match="dist_init"):
+        TinyTeacherConfig(dist_init=0.0)
+    torch.manual_seed(0)
+    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2, top_offsets=0,
+                                      appearance=False, dist_init=50.0)).eval()
+    assert not hasattr(m, "dist_scale") and abs(float(m.log_dist) - np.log(50.0)) < 1e-6
+    rng = np.random.default_rng(7)
+    f0 = (rng.random((32, 32, 3)) * 255).astype(np.float32)
+    f1 = np.concatenate([np.roll(f0, 2, axis=1)[:, :16], np.roll(f0, -2, axis=1)[:, 16:]], axis=1)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
+    g = m.grid
+    reveal = torch.zeros(m.num_patches, dtype=torch.bool)
+    reveal[g:2 * g] = reveal[5 * g:6 * g] = True        # rows 1 and 5: half of them in each motion
+    with torch.no_grad():
+        h = m.heads(t(f0), t(f1), reveal, seed=0)
+    masked = h["masked"].tolist()
+    for row in (0, 2, 3, 4, 6, 7):
+        for col, want in ((0, [0, 2]), (g - 1, [0, -2])):
+            d = m.offsets[h["log_m"][0, masked.index(row * g + col)].argmax()].tolist()
+            assert d == want, (row, col, d)
