@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", default=str(ROOT / "teacher" / "weights" / "tiny"))
     ap.add_argument("--num-masks", type=int, default=2)
     ap.add_argument("--zoom-levels", type=int, default=3)
+    ap.add_argument("--sigma", type=float, default=None, help="bump sigma, model px (default: the tracer's)")
     ap.add_argument("--videos", type=int, default=2)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--points", type=int, default=32)
@@ -54,8 +55,10 @@ def main(argv=None) -> int:
     from pipeline.flowsources import make_flow_source
 
     t_start = time.perf_counter()
-    src = make_flow_source("kltrace", {"teacher": args.teacher, "threads": args.threads,
-                                       "tracer": {"num_masks": args.num_masks, "zoom_levels": args.zoom_levels}})
+    tracer = {"num_masks": args.num_masks, "zoom_levels": args.zoom_levels}
+    if args.sigma is not None:
+        tracer["sigma"] = args.sigma
+    src = make_flow_source("kltrace", {"teacher": args.teacher, "threads": args.threads, "tracer": tracer})
     with tempfile.TemporaryDirectory(prefix="fd_occ_") as tmp:
         cfg = dict(synthetic.DEFAULTS)
         cfg.update({"seed": args.seed, "num_videos": args.videos, "num_frames": args.frames, "name_prefix": "calib",
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
         "## bench/occ_threshold.py — occlusion threshold of a teacher, calibrated on training-distribution videos",
         "",
         f"- machine: {platform.machine()}, {platform.python_version()}, threads {args.threads}; {secs:.0f} s",
-        f"- teacher: {args.teacher}; tracer num_masks {args.num_masks}, zoom_levels {args.zoom_levels}",
+        f"- teacher: {args.teacher}; tracer {tracer}",
         f"- data: pipeline/synthetic.py {'defaults' if args.plain else 'with 8-12 sprites of 0.15-0.3, speed 8'} "
         f"(noise + blobs textures), seed {args.seed}, {args.videos} videos x "
         f"{args.frames} frames, {args.points} points; pairs (0, t); {len(s)} queries, {int(o.sum())} occluded",

@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {                                # the other teacher.tiny.TinyTeacherConfig fields (same defaults)
         "patch": 4, "radius": 8, "cv_window": 8, "n_layer": 4, "n_head": 4, "n_embd": 128, "key_dim": 32,
         "lpq_preset": "tiny", "eps_init": -3.0, "chunk": 64, "top_offsets": 32, "appearance": True,
-        "dist_bias": True, "dist_init": None,
+        "dist_bias": True, "dist_init": 0.125,
     },
     "gap_frames": [1, 3],                     # inclusive frame-gap range of training pairs
     "flip": True,                             # random horizontal flip of both frames

@@ -114,8 +114,8 @@ def draw_tracks(frame0: np.ndarray, frame1: np.ndarray, tracks, *, mode: str = "
     """Draw tracks from frame 0 to frame 1; returns uint8 RGB.
 
     ``tracks``: float [N, 6] (x0, y0, x1, y1, visible, score) or a tuple (p0 [N, 2], p1 [N, 2], visible [N]).
-    ``mode="side"``: frame0 | frame1 side by side ([H*s, 2*W*s, 3]), a line from each query on the left to
-    its target on the right. ``mode="overlay"``: the two frames blended ([H*s, W*s, 3]), an arrow from
+    ``mode="side"``: frame0 | frame1 side by side ([H*s, 2*W*s, 3]): a dot at each query on frame 0; on frame 1
+    a line from the query's position to its target (nothing crosses between the panels). ``mode="overlay"``: the two frames blended ([H*s, W*s, 3]), an arrow from
     query to target. Visible tracks are coloured by their motion direction (the ``flow_to_color`` wheel at
     full saturation), filled dot at the query and ring at the target; occluded ones are grey, with a
     cross at the target. ``scale`` enlarges small frames (nearest neighbour) before drawing.
@@ -143,6 +143,9 @@ def draw_tracks(frame0: np.ndarray, frame1: np.ndarray, tracks, *, mode: str = "
     line = cv2.LINE_AA
     for i in np.argsort(vis, kind="stable"):   # occluded first, visible drawn on top
         a, b = _pt(p0[i], scale), _pt(p1[i], scale, dx)
+        if dx:                                  # side: the query's dot on frame 0, the track itself on frame 1
+            cv2.circle(canvas, a, rk, tuple(int(x) for x in col[i]) if vis[i] else OCCLUDED_RGB, -1, line, _SHIFT)
+            a = _pt(p0[i], scale, dx)
         if vis[i]:
             c = tuple(int(x) for x in col[i])
             cv2.line(canvas, a, b, c, 1, line, _SHIFT)

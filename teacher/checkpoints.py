@@ -670,7 +670,8 @@ def load_tiny_bundle(dir: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(path, f"sha256 {sha[:12]}... differs from the one recorded in teacher.json "
                                     f"({str(want)[:12]}...): the file was changed or damaged")
     try:
-        config = TinyTeacherConfig(**meta["config"])
+        # bundles written before dist_init existed used the softplus form (dist_init = None)
+        config = TinyTeacherConfig(**{"dist_init": None, **meta["config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(tj, f"invalid tiny teacher config: {e}") from None
     sd = read_safetensors(path)

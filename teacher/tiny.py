@@ -59,8 +59,8 @@ class TinyTeacherConfig:
                                   # renormalised); 0 = all (2 radius + 1)^2. Training always uses all.
     appearance: bool = True       # offset votes weighted by frame-0 source vs revealed frame-1 appearance
     dist_bias: bool = True        # pooling attention penalises the distance between query and revealed patch
-    dist_init: float | None = None  # dist_bias weight per squared cell distance, learned in log space (0.125:
-                                  # a Gaussian of 2 cells); None: the first bundle's softplus(s) / grid^2 form,
+    dist_init: float | None = 0.125  # dist_bias weight per squared cell distance, learned in log space (0.125:
+                                  # a Gaussian of 2 cells); None: the first bundles' softplus(s) / grid^2 form,
                                   # whose optimiser steps are ~1000x too small to reach a local kernel
 
     def __post_init__(self):

@@ -311,3 +311,14 @@ def test_inspect_label_set_incomplete_and_stray_files(label_set, tmp_path, capsy
     assert stats["index"]["missing"] == [first.name] and stats["label_set"]["missing_shards"] == [first.name]
     assert stats["samples"] < 6
     assert "WARNING: 1 shard(s) named in an index are missing" in capsys.readouterr().out
+
+
+def test_side_tracks_stay_inside_their_panels():
+    """A query on the right edge of frame 0 whose target is on frame 1's left edge: side mode draws nothing in the
+    middle of either panel (the old picture drew a line across both)."""
+    f = np.full((20, 40, 3), 100, np.uint8)
+    side = draw_tracks(f, f, (np.array([[38.5, 10.5]], np.float32), np.array([[1.5, 10.5]], np.float32),
+                              np.array([True])), mode="side")
+    assert np.all(side[:, 5:30] == 100)             # frame 0 left of the query: untouched
+    assert np.any(side[:, 78:80] != 100)             # frame 1: the line from the query's position (x 38.5 + 40)
+    assert np.any(side[:, 40:44] != 100)             # ... to the target (x 1.5 + 40)

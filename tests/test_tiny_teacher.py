@@ -111,7 +111,7 @@ def test_top_offsets_is_a_close_normalised_approximation(model):
 def test_dist_init_is_a_log_space_locality_prior():
     """dist_init: the pooling attention's distance weight lives in log space (learnable at Adam's step size); a
     strong one makes a masked patch take the motion of its nearest revealed patch. The legacy form stays loadable."""
-    legacy = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2))
+    legacy = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2, dist_init=None))
     assert hasattr(legacy, "dist_scale") and not hasattr(legacy, "log_dist")
     with pytest.raises(ValueError, match="dist_init"):
         TinyTeacherConfig(dist_init=0.0)
@@ -133,3 +133,19 @@ def test_dist_init_is_a_log_space_locality_prior():
         for col, want in ((0, [0, 2]), (g - 1, [0, -2])):
             d = m.offsets[h["log_m"][0, masked.index(row * g + col)].argmax()].tolist()
             assert d == want, (row, col, d)
+
+
+def test_bundle_without_dist_init_loads_as_the_legacy_form(tmp_path):
+    import json
+
+    from teacher.checkpoints import load_tiny_bundle, save_tiny_bundle
+
+    torch.manual_seed(0)
+    old = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2, dist_init=None))
+    save_tiny_bundle(tmp_path / "b", old, provenance={"test": True})
+    tj = tmp_path / "b" / "teacher.json"
+    meta = json.loads(tj.read_text())
+    del meta["config"]["dist_init"]                      # as written before the field existed
+    tj.write_text(json.dumps(meta))
+    model, _ = load_tiny_bundle(tmp_path / "b")
+    assert model.config.dist_init is None and torch.equal(model.dist_scale, old.dist_scale)
