@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = load_any_teacher(args.teacher)
     if not hasattr(model, "heads"):
-        raise SystemExit(f"--teacher {args.teacher}: a tiny-kind bundle is needed (copy head), got {type(model).__name__}")
+        raise SystemExit(f"--teacher {args.teacher}: a tiny-kind bundle is needed (copy head), "
+                         f"got {type(model).__name__}")
     held = yaml.safe_load(Path(args.heldout).read_text())
     train = copy.deepcopy(held)
     train.update({"seed": args.train_seed, "name_prefix": "train"})

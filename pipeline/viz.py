@@ -115,10 +115,11 @@ def draw_tracks(frame0: np.ndarray, frame1: np.ndarray, tracks, *, mode: str = "
 
     ``tracks``: float [N, 6] (x0, y0, x1, y1, visible, score) or a tuple (p0 [N, 2], p1 [N, 2], visible [N]).
     ``mode="side"``: frame0 | frame1 side by side ([H*s, 2*W*s, 3]): a dot at each query on frame 0; on frame 1
-    a line from the query's position to its target (nothing crosses between the panels). ``mode="overlay"``: the two frames blended ([H*s, W*s, 3]), an arrow from
-    query to target. Visible tracks are coloured by their motion direction (the ``flow_to_color`` wheel at
-    full saturation), filled dot at the query and ring at the target; occluded ones are grey, with a
-    cross at the target. ``scale`` enlarges small frames (nearest neighbour) before drawing.
+    a line from the query's position to its target (nothing crosses between the panels). ``mode="overlay"``: the
+    two frames blended ([H*s, W*s, 3]), an arrow from query to target. Visible tracks are coloured by their
+    motion direction (the ``flow_to_color`` wheel at full saturation), filled dot at the query and ring at the
+    target; occluded ones are grey, with a cross at the target. ``scale`` enlarges small frames (nearest
+    neighbour) before drawing.
     """
     f0, f1 = _as_rgb(frame0, "frame0"), _as_rgb(frame1, "frame1")
     if f0.shape != f1.shape:
