@@ -22,14 +22,12 @@ Parts (all token counts exact; wall times measured in this run):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from notes import write_notes  # bench/notes.py
+from notes import machine_line, write_notes  # bench/notes.py
 import torch
 import torch.nn.functional as F
 
@@ -343,6 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--notes", default=None, help="NOTES.md to update (default: bench/NOTES.md unless --quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = machine_line(args.threads)
     t_start = time.perf_counter()
     A = np.array([[1.02 * np.cos(0.017), -1.02 * np.sin(0.017), 3.5 - 2.6],
                   [1.02 * np.sin(0.017), 1.02 * np.cos(0.017), -2.25 - 2.0]])    # ~1 deg, 2% zoom, shift
@@ -354,8 +353,6 @@ def main(argv=None) -> int:
         info["p23"] = part23(args, tracer, f0, f1, A, queries)
     info["p4"] = part4(args)
     total = time.perf_counter() - t_start
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs (shared), "
-               f"torch {torch.__version__}, {args.threads} thread(s), fp32")
     tab = table()
     print(tab)
     print(f"\nmachine: {machine}; total {total:.0f} s")

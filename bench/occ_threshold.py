@@ -11,14 +11,13 @@ the accuracy of "always visible" and the AUC of the peak score for visible vs oc
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from notes import write_notes  # bench/notes.py
+from notes import machine_line, write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +53,7 @@ def main(argv=None) -> int:
     from pipeline import synthetic
     from pipeline.flowsources import make_flow_source
 
+    machine = machine_line(args.threads)
     t_start = time.perf_counter()
     tracer = {"num_masks": args.num_masks, "zoom_levels": args.zoom_levels}
     if args.sigma is not None:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     lines = [
         "## bench/occ_threshold.py — occlusion threshold of a teacher, calibrated on training-distribution videos",
         "",
-        f"- machine: {platform.machine()}, {platform.python_version()}, threads {args.threads}; {secs:.0f} s",
+        f"- machine: {machine}; {secs:.0f} s",
         f"- teacher: {args.teacher}; tracer {tracer}",
         f"- data: pipeline/synthetic.py {'defaults' if args.plain else 'with 8-12 sprites of 0.15-0.3, speed 8'} "
         f"(noise + blobs textures), seed {args.seed}, {args.videos} videos x "

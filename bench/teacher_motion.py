@@ -37,6 +37,13 @@ METHODS = ("zero", "model", "model_mean", "gauss_pool", "cv_oracle")
 
 def measure(model, items: list[dict], mask_ratio: float, masks: int) -> dict:
     """Motion errors per method (lists, model px) and NLL per variant (lists) over all pairs (0, t)."""
+    import torch
+
+    with torch.no_grad():
+        return _measure(model, items, mask_ratio, masks)
+
+
+def _measure(model, items: list[dict], mask_ratio: float, masks: int) -> dict:
     import cv2
     import torch
 
@@ -59,14 +66,12 @@ def measure(model, items: list[dict], mask_ratio: float, masks: int) -> dict:
             for k in range(masks):
                 seed = 1000 * t + k
                 reveal = sample_reveal(model.num_patches, mask_ratio, seed)
-                with torch.no_grad():
-                    h = model.heads(f0, f1, reveal, seed)
-                    masked = h["masked"]
-                    for name, log_m in (("model", h["log_m"]),
-                                        ("cv_oracle", _one_hot(cv[masked].argmax(-1), cv.shape[-1])),
-                                        ("zero", _one_hot(torch.full((len(masked),), cv.shape[-1] // 2),
-                                                          cv.shape[-1]))):
-                        nll[name].append(float(model.target_nll({**h, "log_m": log_m}).mean()))
+                h = model.heads(f0, f1, reveal, seed)
+                masked = h["masked"]
+                for name, log_m in (("model", h["log_m"]),
+                                    ("cv_oracle", _one_hot(cv[masked].argmax(-1), cv.shape[-1])),
+                                    ("zero", _one_hot(torch.full((len(masked),), cv.shape[-1] // 2), cv.shape[-1]))):
+                    nll[name].append(float(model.target_nll({**h, "log_m": log_m}).mean()))
                 row = {int(c): j for j, c in enumerate(masked.tolist())}
                 rev = reveal.nonzero()[:, 0]
                 ry, rx = (rev // g).float(), (rev % g).float()
