@@ -1,7 +1,8 @@
 """Calibrate a teacher's occlusion threshold (KL peak below it = occluded) on a *training-distribution* synthetic set
-(default textures, its own seed) — never on the held-out evaluation set — and report how separable occlusion is.
+(configs/synth/val_teacher.yaml: training textures, its own seed, half the points occluded somewhere) — never on
+the held-out evaluation sets — and report how separable occlusion is.
 
-  python bench/occ_threshold.py --teacher teacher/weights/tiny [--num-masks 2 --zoom-levels 3]
+  python bench/occ_threshold.py --teacher teacher/weights/tiny [--num-masks 2 --zoom-levels 4]
 
 Pairs (frame 0, frame t), t = 1 .. num_frames - 1, queries = ground-truth points visible in frame 0. For every
 candidate threshold (the midpoints between sorted peak scores) the occlusion accuracy is computed; the best one is
@@ -40,17 +41,18 @@ def main(argv=None) -> int:
     ap.add_argument("--num-masks", type=int, default=2)
     ap.add_argument("--zoom-levels", type=int, default=3)
     ap.add_argument("--sigma", type=float, default=None, help="bump sigma, model px (default: the tracer's)")
-    ap.add_argument("--videos", type=int, default=2)
-    ap.add_argument("--frames", type=int, default=4)
-    ap.add_argument("--points", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=500)
+    ap.add_argument("--data-config", default=str(ROOT / "configs" / "synth" / "val_teacher.yaml"),
+                    help="synthetic set config (default: the validation set, training textures, seed 500)")
+    ap.add_argument("--videos", type=int, default=None, help="override num_videos")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--plain", action="store_true",
-                    help="the default synthetic config (few occlusions); default: more, larger, faster sprites")
+    ap.add_argument("--write", action="store_true",
+                    help="store the calibrated threshold in the bundle's teacher.json (teacher.checkpoints."
+                         "set_bundle_tracer; the weights and teacher_id are unchanged)")
     ap.add_argument("--notes", default=str(ROOT / "bench" / "NOTES.md"))
     args = ap.parse_args(argv)
 
     from pipeline import synthetic
+    from pipeline.config import load_config
     from pipeline.flowsources import make_flow_source
 
     machine = machine_line(args.threads)
@@ -59,13 +61,10 @@ def main(argv=None) -> int:
     if args.sigma is not None:
         tracer["sigma"] = args.sigma
     src = make_flow_source("kltrace", {"teacher": args.teacher, "threads": args.threads, "tracer": tracer})
+    cfg = synthetic.resolve_config(load_config(Path(args.data_config), [], synthetic.DEFAULTS))
+    if args.videos is not None:
+        cfg["num_videos"] = args.videos
     with tempfile.TemporaryDirectory(prefix="fd_occ_") as tmp:
-        cfg = dict(synthetic.DEFAULTS)
-        cfg.update({"seed": args.seed, "num_videos": args.videos, "num_frames": args.frames, "name_prefix": "calib",
-                    "points": {**synthetic.DEFAULTS["points"], "per_video": args.points}})
-        if not args.plain:      # training textures, but more occlusion so the threshold has something to separate
-            cfg.update({"num_sprites": [8, 12], "sprite_size": [0.15, 0.3],
-                        "motion": {**synthetic.DEFAULTS["motion"], "max_speed": 8.0, "cross_edge_prob": 0.8}})
         synthetic.write_set(Path(tmp) / "set", cfg)
         items = synthetic.load_set(Path(tmp) / "set")
     scores, occluded = [], []
@@ -91,9 +90,10 @@ def main(argv=None) -> int:
         "",
         f"- machine: {machine}; {secs:.0f} s",
         f"- teacher: {args.teacher}; tracer {tracer}",
-        f"- data: pipeline/synthetic.py {'defaults' if args.plain else 'with 8-12 sprites of 0.15-0.3, speed 8'} "
-        f"(noise + blobs textures), seed {args.seed}, {args.videos} videos x "
-        f"{args.frames} frames, {args.points} points; pairs (0, t); {len(s)} queries, {int(o.sum())} occluded",
+        f"- data: {Path(args.data_config).name} ({'+'.join(cfg['texture']['families'])} textures, seed {cfg['seed']}, "
+        f"{cfg['num_videos']} videos x {cfg['num_frames']} frames x {cfg['points']['per_video']} points, "
+        f"occluded_fraction {cfg['points']['occluded_fraction']}); pairs (0, t); {len(s)} queries, "
+        f"{int(o.sum())} occluded",
         f"- peak KL: visible median {np.median(s[~o]):.3g}, occluded median "
         f"{(np.median(s[o]) if o.any() else float('nan')):.3g}; AUC {a:.3f}",
         f"- best threshold {thr:.4g}: occlusion accuracy {100 * acc[best]:.1f} % (always visible {100 * always:.1f} %)",
@@ -103,6 +103,15 @@ def main(argv=None) -> int:
         f"RESULT occ_accuracy_always_visible {always:.4f}",
         f"RESULT occ_auc {a:.4f}",
     ]
+    if args.write:
+        from teacher.checkpoints import set_bundle_tracer
+
+        record = {"command": "python bench/occ_threshold.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tracer": tracer,
+                  "data": Path(args.data_config).name, "queries": int(len(s)), "occluded": int(o.sum()),
+                  "occ_accuracy": round(float(acc[best]), 4), "always_visible": round(always, 4), "auc": round(a, 4)}
+        set_bundle_tracer(args.teacher, {"occ_threshold": round(thr, 4)}, record)
+        lines.insert(-5, f"- written to {args.teacher}/teacher.json: tracer.occ_threshold = {round(thr, 4)}")
     text = "\n".join(lines)
     print(text)
     if args.notes:

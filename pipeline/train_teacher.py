@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .common import ErrorLog, InputError, atomic_write_json, config_hash
-from .synthetic import DEFAULTS as SYNTH_DEFAULTS
+from .synthetic import DEFAULTS as SYNTH_DEFAULTS, hashed_config
 
 SYNTH_SPEC = "synth:"
 STATE_FORMAT = "flowdistill-train-teacher-v1"
@@ -192,7 +192,10 @@ def _model_config(cfg: dict):
 
 
 def _resume_subset(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS}
+    sub = {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS}
+    if isinstance(sub.get("synth"), dict):
+        sub["synth"] = hashed_config(sub["synth"])      # work dirs made before a synth key existed still resume
+    return sub
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -618,6 +618,27 @@ def read_bundle_meta(dir: str | os.PathLike) -> dict:
     return meta
 
 
+def set_bundle_tracer(dir: str | os.PathLike, updates: dict, record: dict | None = None) -> dict:
+    """Change a bundle's stored tracer settings (e.g. a calibrated ``occ_threshold``) without touching its weights:
+    ``teacher.json["tracer"]`` is updated with ``updates`` (checked against ``KLTraceConfig``; an unknown key or bad
+    value raises ``ValueError``), ``record`` (what measured it) is appended to ``provenance["tracer_updates"]``, and
+    the file is rewritten atomically. The teacher_id is unchanged (it covers weights and model config only).
+    Returns the new tracer dict."""
+    from .kltrace_config import KLTraceConfig
+
+    d = Path(dir)
+    meta = read_bundle_meta(d)
+    tracer = {**(meta.get("tracer") or {}), **dict(updates)}
+    KLTraceConfig.from_dict(tracer)                          # validates keys and values
+    meta["tracer"] = _json_safe(tracer)
+    prov = dict(meta.get("provenance") or {})
+    prov["tracer_updates"] = list(prov.get("tracer_updates") or []) + [_json_safe({"set": dict(updates),
+                                                                                  **(record or {})})]
+    meta["provenance"] = prov
+    _atomic_write_json(d / "teacher.json", meta)
+    return tracer
+
+
 def _tiny_id(sha: str, config: dict) -> str:
     blob = json.dumps({"kind": "tiny", "config": config}, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(f"{sha}\n{hashlib.sha256(blob).hexdigest()[:16]}".encode()).hexdigest()[:16]

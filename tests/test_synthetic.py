@@ -151,6 +151,24 @@ def test_random_scenes_have_exits_and_occlusions():
     assert outside > 0 and hidden > 0
 
 
+def test_occluded_fraction_sets_the_share_of_occluded_tracks():
+    base = {"num_frames": 4, "points": {"per_video": 24}}
+    plain = S.generate_video(base, 11)
+    rich = S.generate_video({**base, "points": {"per_video": 24, "occluded_fraction": 0.5}}, 11)
+    np.testing.assert_array_equal(plain["video"], rich["video"])       # same scene, only the points differ
+    assert plain["occluded"].any(axis=1).sum() < 12
+    assert rich["occluded"].any(axis=1).sum() == 12                    # exactly round(24 * 0.5) tracks
+    frame_of = rich["sample_frame"]
+    assert not rich["occluded"][np.arange(24), frame_of].any()         # each visible where it was sampled
+    again = S.generate_video({**base, "points": {"per_video": 24, "occluded_fraction": 0.5}}, 11)
+    np.testing.assert_array_equal(rich["points"], again["points"])
+    with pytest.raises(InputError, match="occluded_fraction"):
+        S.generate_video({"num_frames": 2, "num_sprites": [0, 0], "camera": {"pan": 0.0, "zoom": 0.0},
+                          "points": {"per_video": 8, "occluded_fraction": 0.5}}, 1)
+    with pytest.raises(InputError, match="occluded_fraction"):
+        S.resolve_config({"points": {"occluded_fraction": 1.5}})
+
+
 def test_determinism():
     a = S.generate_video({"num_frames": 5, "points": {"per_video": 16}}, 7)
     b = S.generate_video({"num_frames": 5, "points": {"per_video": 16}}, 7)
@@ -245,3 +263,13 @@ def test_shipped_configs():
     held = S.resolve_config(load_config(ROOT / "configs/synth/heldout.yaml", [], S.DEFAULTS))
     assert held["seed"] != default["seed"]
     assert not set(held["texture"]["families"]) & set(default["texture"]["families"])
+    # issue 4's sets: held-out (plain and occlusion-rich twin with the same videos) vs validation (training textures)
+    ht = S.resolve_config(load_config(ROOT / "configs/synth/heldout_teacher.yaml", [], S.DEFAULTS))
+    hto = S.resolve_config(load_config(ROOT / "configs/synth/heldout_teacher_occ.yaml", [], S.DEFAULTS))
+    val = S.resolve_config(load_config(ROOT / "configs/synth/val_teacher.yaml", [], S.DEFAULTS))
+    assert {k: v for k, v in hto.items() if k != "points"} == {k: v for k, v in ht.items() if k != "points"}
+    assert hto["points"]["occluded_fraction"] == val["points"]["occluded_fraction"] == 0.5
+    assert len({ht["seed"], val["seed"], default["seed"]}) == 3
+    assert not set(ht["texture"]["families"]) & set(val["texture"]["families"])
+    assert val["texture"] == default["texture"]                      # validation = training textures
+    assert (val["motion"], val["camera"]) == (ht["motion"], ht["camera"])

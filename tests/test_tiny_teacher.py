@@ -149,3 +149,21 @@ def test_bundle_without_dist_init_loads_as_the_legacy_form(tmp_path):
     tj.write_text(json.dumps(meta))
     model, _ = load_tiny_bundle(tmp_path / "b")
     assert model.config.dist_init is None and torch.equal(model.dist_scale, old.dist_scale)
+
+
+def test_set_bundle_tracer_updates_settings_not_weights(tmp_path):
+    from teacher.checkpoints import load_tiny_bundle, save_tiny_bundle, set_bundle_tracer
+
+    torch.manual_seed(0)
+    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, n_layer=1, n_embd=32, n_head=2))
+    tid = save_tiny_bundle(tmp_path / "b", m, provenance={"command": "train"}, tracer={"sigma": 1.0})
+    new = set_bundle_tracer(tmp_path / "b", {"occ_threshold": 0.61}, {"command": "calibrate", "auc": 0.86})
+    assert new == {"sigma": 1.0, "occ_threshold": 0.61}
+    _, meta = load_tiny_bundle(tmp_path / "b")
+    assert meta["teacher_id"] == tid and meta["tracer"] == new
+    assert meta["provenance"]["command"] == "train"
+    assert meta["provenance"]["tracer_updates"] == [{"set": {"occ_threshold": 0.61}, "command": "calibrate",
+                                                     "auc": 0.86}]
+    with pytest.raises(ValueError, match="occ_treshold"):
+        set_bundle_tracer(tmp_path / "b", {"occ_treshold": 0.5})
+    assert load_tiny_bundle(tmp_path / "b")[1]["tracer"] == new          # a refused update writes nothing
