@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     dis = make_flow_source("dis", {"preset": "medium", "threads": args.threads})
     zero = make_flow_source("zero", {})
     kl = make_flow_source("kltrace", {"teacher": args.teacher, "threads": args.threads})
+    shown = Path(args.teacher).resolve()
+    shown = shown.relative_to(ROOT) if ROOT in shown.parents else shown
     rows, per = [], {"kltrace": [], "zero": []}
     moving_all = []
     t_start = time.perf_counter()
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         "## bench/teacher_real.py — KL-tracing tracks vs OpenCV DIS on the real clips",
         "",
         f"- machine: {machine}; {secs:.0f} s",
-        f"- teacher: {args.teacher} (its bundle's tracer settings); reference: DIS medium at full resolution; "
+        f"- teacher: {shown} (its bundle's tracer settings); reference: DIS medium at full resolution; "
         f"{GRID[0]}x{GRID[1]} grid per clip; distances at 256 px",
         *[f"- {r}" for r in rows],
         f"- all clips ({len(mv)} queries, {int(mv.sum())} moving): " + "; ".join(
