@@ -2,7 +2,10 @@
 (configs/synth/val_teacher.yaml: training textures, its own seed, half the points occluded somewhere) — never on
 the held-out evaluation sets — and report how separable occlusion is.
 
-  python bench/occ_threshold.py --teacher teacher/weights/tiny [--num-masks 2 --zoom-levels 4]
+  python bench/occ_threshold.py --teacher teacher/weights/tiny [--num-masks 2 --zoom-levels 3] [--write]
+
+Tracer settings not given here are the bundle's (teacher.json "tracer" over the KLTraceConfig defaults: 5 masks, 4
+zoom levels), i.e. the settings the threshold will be used with.
 
 Pairs (frame 0, frame t), t = 1 .. num_frames - 1, queries = ground-truth points visible in frame 0. For every
 candidate threshold (the midpoints between sorted peak scores) the occlusion accuracy is computed; the best one is
@@ -38,8 +41,8 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default=str(ROOT / "teacher" / "weights" / "tiny"))
-    ap.add_argument("--num-masks", type=int, default=2)
-    ap.add_argument("--zoom-levels", type=int, default=3)
+    ap.add_argument("--num-masks", type=int, default=None, help="default: the bundle's tracer setting")
+    ap.add_argument("--zoom-levels", type=int, default=None, help="default: the bundle's tracer setting")
     ap.add_argument("--sigma", type=float, default=None, help="bump sigma, model px (default: the tracer's)")
     ap.add_argument("--data-config", default=str(ROOT / "configs" / "synth" / "val_teacher.yaml"),
                     help="synthetic set config (default: the validation set, training textures, seed 500)")
@@ -57,9 +60,8 @@ def main(argv=None) -> int:
 
     machine = machine_line(args.threads)
     t_start = time.perf_counter()
-    tracer = {"num_masks": args.num_masks, "zoom_levels": args.zoom_levels}
-    if args.sigma is not None:
-        tracer["sigma"] = args.sigma
+    given = {"num_masks": args.num_masks, "zoom_levels": args.zoom_levels, "sigma": args.sigma}
+    tracer = {k: v for k, v in given.items() if v is not None}
     src = make_flow_source("kltrace", {"teacher": args.teacher, "threads": args.threads, "tracer": tracer})
     cfg = synthetic.resolve_config(load_config(Path(args.data_config), [], synthetic.DEFAULTS))
     if args.videos is not None:
@@ -85,11 +87,24 @@ def main(argv=None) -> int:
     always = float(np.mean(~o))
     a = auc(s[~o], s[o])
     secs = time.perf_counter() - t_start
+    written: list[str] = []
+    if args.write:
+        from teacher.checkpoints import set_bundle_tracer
+
+        record = {"command": "python bench/occ_threshold.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "tracer": {"num_masks": src.tracer_cfg.num_masks, "zoom_levels": src.tracer_cfg.zoom_levels,
+                             "sigma": src.tracer_cfg.sigma},
+                  "data": Path(args.data_config).name, "queries": int(len(s)), "occluded": int(o.sum()),
+                  "occ_accuracy": round(float(acc[best]), 4), "always_visible": round(always, 4), "auc": round(a, 4)}
+        set_bundle_tracer(args.teacher, {"occ_threshold": round(thr, 4)}, record)
+        written.append(f"- written to {args.teacher}/teacher.json: tracer.occ_threshold = {round(thr, 4)}")
     lines = [
         "## bench/occ_threshold.py — occlusion threshold of a teacher, calibrated on training-distribution videos",
         "",
         f"- machine: {machine}; {secs:.0f} s",
-        f"- teacher: {args.teacher}; tracer {tracer}",
+        f"- teacher: {args.teacher}; tracer {src.tracer_cfg.num_masks} masks, {src.tracer_cfg.zoom_levels} zoom levels, "
+        f"sigma {src.tracer_cfg.sigma}",
         f"- data: {Path(args.data_config).name} ({'+'.join(cfg['texture']['families'])} textures, seed {cfg['seed']}, "
         f"{cfg['num_videos']} videos x {cfg['num_frames']} frames x {cfg['points']['per_video']} points, "
         f"occluded_fraction {cfg['points']['occluded_fraction']}); pairs (0, t); {len(s)} queries, "
@@ -97,21 +112,13 @@ def main(argv=None) -> int:
         f"- peak KL: visible median {np.median(s[~o]):.3g}, occluded median "
         f"{(np.median(s[o]) if o.any() else float('nan')):.3g}; AUC {a:.3f}",
         f"- best threshold {thr:.4g}: occlusion accuracy {100 * acc[best]:.1f} % (always visible {100 * always:.1f} %)",
+        *written,
         "",
         f"RESULT occ_threshold {thr:.6g}",
         f"RESULT occ_accuracy {acc[best]:.4f}",
         f"RESULT occ_accuracy_always_visible {always:.4f}",
         f"RESULT occ_auc {a:.4f}",
     ]
-    if args.write:
-        from teacher.checkpoints import set_bundle_tracer
-
-        record = {"command": "python bench/occ_threshold.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tracer": tracer,
-                  "data": Path(args.data_config).name, "queries": int(len(s)), "occluded": int(o.sum()),
-                  "occ_accuracy": round(float(acc[best]), 4), "always_visible": round(always, 4), "auc": round(a, 4)}
-        set_bundle_tracer(args.teacher, {"occ_threshold": round(thr, 4)}, record)
-        lines.insert(-5, f"- written to {args.teacher}/teacher.json: tracer.occ_threshold = {round(thr, 4)}")
     text = "\n".join(lines)
     print(text)
     if args.notes:

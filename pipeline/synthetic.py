@@ -614,11 +614,16 @@ def sample_points(scene: Scene, num: int, sprite_fraction: float, margin: float,
     if len(allp) < num:
         raise InputError("synth.points.per_video",
                          f"could only place {len(allp)} of {num} points (scene too cluttered for edge_margin)")
-    # deterministic interleaving: sort by sampling frame, then by surface, keep draw order otherwise
-    order = sorted(range(num), key=lambda i: (allp[i][2], allp[i][0]))
+    return _surface_points(allp)
+
+
+def _surface_points(allp: list[tuple[int, np.ndarray, int]]) -> SurfacePoints:
+    """(surface, coords, sample_frame) tuples as ``SurfacePoints``, in a deterministic interleaving: sorted by
+    sampling frame, then by surface, draw order otherwise."""
+    order = sorted(range(len(allp)), key=lambda i: (allp[i][2], allp[i][0]))
     allp = [allp[i] for i in order]
     return SurfacePoints(surface=np.array([p[0] for p in allp], dtype=np.int32),
-                         coords=np.array([p[1] for p in allp], dtype=np.float64).reshape(num, 2),
+                         coords=np.array([p[1] for p in allp], dtype=np.float64).reshape(len(allp), 2),
                          sample_frame=np.array([p[2] for p in allp], dtype=np.int32))
 
 
@@ -644,12 +649,7 @@ def sample_points_occluded(scene: Scene, num: int, sprite_fraction: float, margi
         raise InputError("synth.points.occluded_fraction",
                          f"found {len(kept[True])} of {want[True]} occluded and {len(kept[False])} of {want[False]} "
                          f"never-occluded points in {rounds} rounds (scene has too little or too much occlusion)")
-    allp = kept[True] + kept[False]
-    order = sorted(range(num), key=lambda i: (allp[i][2], allp[i][0]))
-    allp = [allp[i] for i in order]
-    return SurfacePoints(surface=np.array([p[0] for p in allp], dtype=np.int32),
-                         coords=np.array([p[1] for p in allp], dtype=np.float64).reshape(num, 2),
-                         sample_frame=np.array([p[2] for p in allp], dtype=np.int32))
+    return _surface_points(kept[True] + kept[False])
 
 
 def generate_video(cfg: dict | None, seed: int, return_scene: bool = False) -> dict:
