@@ -24,6 +24,15 @@ def write_notes(path: Path, text: str, tag: str) -> None:
     os.replace(tmp, path)
 
 
+def report(lines: list[str], notes: str | None, tag: str) -> None:
+    """Print a bench script's report (ending in its RESULT lines) and, when ``notes`` names a file, store it there as
+    the section ``tag`` (``write_notes``)."""
+    text = "\n".join(lines)
+    print(text)
+    if notes:
+        write_notes(Path(notes), text, tag)
+
+
 def machine_line(threads: int) -> str:
     import torch
 

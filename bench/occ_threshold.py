@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from notes import machine_line, write_notes  # bench/notes.py
+from notes import machine_line, report  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
         f"RESULT occ_accuracy_always_visible {always:.4f}",
         f"RESULT occ_auc {a:.4f}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.notes:
-        write_notes(Path(args.notes), text, "occ_threshold")
+    report(lines, args.notes, "occ_threshold")
     return 0
 
 

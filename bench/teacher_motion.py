@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from notes import machine_line, write_notes  # bench/notes.py
+from notes import machine_line, report  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zero", "model", "model_mean", "gauss_pool", "cv_oracle")
@@ -152,10 +152,7 @@ def main(argv=None) -> int:
                     (f"motion_epe_ratio_{name}", e["model"].mean() / e["zero"].mean()),
                     (f"nll_gap_{name}", n["model"] - n["cv_oracle"])]
     lines += ["", *[f"RESULT {k} {v:.4f}" for k, v in results]]
-    text = "\n".join(lines)
-    print(text)
-    if args.notes:
-        write_notes(Path(args.notes), text, "bench/teacher_motion.py")
+    report(lines, args.notes, "bench/teacher_motion.py")
     return 0
 
 

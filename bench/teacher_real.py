@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from notes import machine_line, write_notes  # bench/notes.py
+from notes import machine_line, report  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,10 +105,7 @@ def main(argv=None) -> int:
         f"RESULT teacher_real_agree4_moving_kltrace {summary['kltrace'][1]:.4f}",
         f"RESULT teacher_real_agree4_moving_zero {summary['zero'][1]:.4f}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.notes:
-        write_notes(Path(args.notes), text, "teacher_real")
+    report(lines, args.notes, "teacher_real")
     return 0
 
 
