@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "query_mode": "first",            # first | strided
     "query_stride": 5,                # strided mode only
     "gallery": {"dir": None, "num_pairs": 3, "num_points": 3, "gap": 1},  # teacher pictures (pipeline.gallery)
+    "predictions": False,             # per-entry predictions and scores in the results JSON (evaluate_two_frame)
     # per-source options, e.g. --set sources.dis.preset=fast (defaults come from the flow-source registry)
     "sources": copy.deepcopy(FLOW_SOURCE_DEFAULTS),
 }
@@ -329,13 +330,15 @@ def _validate_item(item: dict) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]
 
 
 def predict_two_frame(video: np.ndarray, query_points: np.ndarray, source, query_mode: str = "first",
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
+                      extras: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Two-frame predictions for queries [N, 3] (t, y, x) on video [T, H, W, 3].
 
     For each distinct query frame q and each scored frame t (t > q for ``first``, t != q for ``strided``)
     ``source.track(video[q], video[t], xy_q)`` is called once for all queries of frame q — never chained.
     Unscored entries keep the query point and "visible". Returns (tracks float64 [N, T, 2] (x, y),
-    occluded bool [N, T], number of track calls).
+    occluded bool [N, T], number of track calls). ``extras`` (a dict, filled in place): for sources that keep
+    their last ``TraceResult`` (teacher sources), "score" and, with the forward-backward check, "fb_error",
+    float64 [N, T] (NaN where not scored) — what an occlusion rule reads, so rules can be compared offline.
     """
     n_t = video.shape[0]
     n = len(query_points)
@@ -357,16 +360,24 @@ def predict_two_frame(video: np.ndarray, query_points: np.ndarray, source, query
             tracks[sel, t] = tgt
             occluded[sel, t] = ~vis
             calls += 1
+            last = getattr(source, "last_result", None)
+            if extras is not None and last is not None:
+                for key in ("score", "fb_error"):
+                    val = getattr(last, key, None)
+                    if val is not None:
+                        extras.setdefault(key, np.full((n, n_t), np.nan))[sel, t] = np.asarray(val, np.float64)
     return tracks, occluded, calls
 
 
 def evaluate_two_frame(dataset: Iterable[dict], source, query_mode: str = "first", query_stride: int = 5,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, predictions: bool = False) -> dict:
     """Score ``source`` on every video (see ``predict_two_frame``); per-video metrics and their means.
 
     Ground truth in raster pixels = normalised points x (W, H) of the frames given. Per video: the 14 TAP-Vid
     metrics, ``ad`` (mean endpoint error, px, over gt-visible scored entries), query/frame counts. ``mean``:
-    plain mean over videos that have at least one scored visible entry.
+    plain mean over videos that have at least one scored visible entry. ``predictions``: each video's record also
+    holds "predictions" — query_points [N, 3] (t, y, x), gt_tracks [N, T, 2], gt_occluded, pred_tracks,
+    pred_occluded and the source's extras (score, fb_error; null where not scored), as nested lists.
     """
     items = list(dataset)
     it = items
@@ -393,8 +404,13 @@ def evaluate_two_frame(dataset: Iterable[dict], source, query_mode: str = "first
             rec.update({k: None for k in METRIC_KEYS}, ad=None)
             per_video.append(rec)
             continue
-        pred, pred_occ, calls = predict_two_frame(video, queries, source, query_mode)
+        extras: dict = {}
+        pred, pred_occ, calls = predict_two_frame(video, queries, source, query_mode, extras)
         calls_total += calls
+        if predictions:
+            rec["predictions"] = _json_arrays({"query_points": queries, "gt_tracks": qd["target_points"][0],
+                                               "gt_occluded": qd["occluded"][0], "pred_tracks": pred,
+                                               "pred_occluded": pred_occ, **extras})
         m = compute_tapvid_metrics(qd["query_points"], qd["occluded"], qd["target_points"], pred_occ[None],
                                    pred[None], query_mode)
         ad = endpoint_error(qd["query_points"], qd["occluded"], qd["target_points"], pred[None], query_mode)
@@ -418,6 +434,20 @@ def evaluate_two_frame(dataset: Iterable[dict], source, query_mode: str = "first
         "seconds": round(time.perf_counter() - t_start, 3),
         "track_calls": calls_total,
     }
+
+
+def _json_arrays(arrays: dict) -> dict:
+    """Arrays -> nested lists for JSON: floats rounded to 4 decimals, NaN -> None, bools stay bools."""
+    out = {}
+    for k, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype == bool:
+            out[k] = a.tolist()
+        else:
+            r = np.round(a.astype(np.float64), 4).astype(object)
+            r[np.isnan(a.astype(np.float64))] = None
+            out[k] = r.tolist()
+    return out
 
 
 def evaluate_first_two_frame(dataset: Iterable[dict], source, progress: bool = True) -> dict:
@@ -473,6 +503,8 @@ def add_arguments(parser) -> None:
                         help="option for the flow source(s), value parsed as YAML (repeatable); "
                              "same as --set sources.<name>.KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--predictions", action="store_true", default=None,
+                        help="also store every entry's prediction and score in the --out JSON")
     parser.add_argument("--gallery", default=None, metavar="DIR",
                         help="teacher sources: write predicted-frame and KL-map pictures here (pipeline.gallery)")
 
@@ -483,7 +515,7 @@ def run(args, cfg) -> int:
     from .flowsources import available_flow_sources, make_flow_source
 
     cfg = copy.deepcopy(cfg)
-    for key in ("source", "data", "out", "max_videos"):
+    for key in ("source", "data", "out", "max_videos", "predictions"):
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
@@ -512,7 +544,8 @@ def run(args, cfg) -> int:
     results = {}
     for src in sources:
         results[src.name] = evaluate_two_frame(dataset, src, query_mode=cfg["query_mode"],
-                                               query_stride=cfg["query_stride"], progress=not args.no_progress)
+                                               query_stride=cfg["query_stride"], progress=not args.no_progress,
+                                               predictions=bool(cfg["predictions"]))
     gdir = getattr(args, "gallery", None) or cfg["gallery"].get("dir")
     if gdir:
         from .gallery import write_gallery

@@ -38,6 +38,13 @@ For one query point q in frame 0 (raster px: pixel i spans [i, i+1), centre i+0.
    destination; the levels see different phases, and their mean is steadier (ideal predictor: visible points
    >= 0.4 in 100 % with "mean" vs 96 % with "final"; every point that left the frame < 0.4 with both).
 
+8. Forward-backward check (beyond the paper; ``fb_threshold``, off by default). Trace the estimate back:
+   p0' = T(B -> A, clamp(p1)) with the same settings, and e = |S (p0' - p0)|, S = diag(w_m / W, h_m / H) (model
+   px of the full-frame level); visible = (score >= occ_threshold) and (e <= fb_threshold). A point that is
+   hidden in B has no true match there, so its backward trace lands on whatever covers it (Sundaram et al. 2010,
+   for dense flow); unlike the KL peak, e does not scale with the texture's contrast. Costs a second trace.
+                                                                                              ``forward_backward``
+
 RGB-difference variant (``rgb_trace``, the paper's "LRAS RGB"): decode clean and perturbed predictions of frame 1
 (``predict_frame1``), E(x) = sum_channels |B'_pert(x) - B'_clean(x)|, optionally Gaussian-blurred, averaged over
 masks, argmax at pixel resolution (pixel centre), same zoom loop; score = peak difference.
@@ -96,13 +103,15 @@ class TraceResult:
     the RGB variant's peak difference); levels [L+1, Q, 2] the estimate after each level (original px); maps
     (with return_maps): one dict per level {"level", "kl" [Q, gh, gw] mask-averaged map (RGB: [Q, h, w]),
     "box0", "box1" [Q, 4] (left, top, width, height) original px of the crops each query saw}; stats:
-    {"kl_maps_calls", "model_calls", "crop_pairs": per level}."""
+    {"kl_maps_calls", "model_calls", "crop_pairs": per level}; fb_error [Q] float32 model px (only with the
+    forward-backward check, else None)."""
     targets: torch.Tensor
     visible: torch.Tensor
     score: torch.Tensor
     levels: torch.Tensor
     maps: list | None = None
     stats: dict = field(default_factory=dict)
+    fb_error: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- perturbation
@@ -502,6 +511,9 @@ def kl_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | N
     Steps 2-7 of the module docstring; ``kl_maps_fn`` (``kl_maps_naive`` or an engine) is called once per
     (crop pair, mask) with all the pair's queries. ``cfg.method == "rgb"`` runs ``rgb_trace`` instead."""
     cfg = cfg or KLTraceConfig()
+    if _fb_on(cfg):
+        return forward_backward(lambda a, b, q, c: kl_trace(model, a, b, q, c, kl_maps_fn, return_maps),
+                                model, frame0, frame1, queries, cfg)
     if cfg.method == "rgb":
         return rgb_trace(model, frame0, frame1, queries, cfg, return_maps=return_maps)
     h, w = int(model.image_size[0]), int(model.image_size[1])
@@ -528,6 +540,30 @@ def kl_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | N
     return _multiscale(model, frame0, frame1, queries, cfg, solve, return_maps, stats)
 
 
+def _fb_on(cfg: KLTraceConfig) -> bool:
+    return cfg.fb_threshold is not None and math.isfinite(cfg.fb_threshold)   # inf: the check is off
+
+
+def forward_backward(trace: Callable, model: TracerModel, frame0, frame1, queries,
+                     cfg: KLTraceConfig) -> TraceResult:
+    """Step 8: ``trace(f_a, f_b, points, cfg)`` forward, then back from the estimate clamped into the frame;
+    e = |S (p0' - p0)| in full-frame model px; visible &= e <= fb_threshold. Returns the forward result with
+    ``fb_error`` set and the backward call counts added to ``stats`` (prefixed "backward_")."""
+    plain = dataclasses.replace(cfg, fb_threshold=None)
+    q = torch.as_tensor(queries, dtype=torch.float64).reshape(-1, 2)
+    fwd = trace(frame0, frame1, q, plain)
+    H, W = _as_hwc_uint8(frame1).shape[:2]
+    p1 = fwd.targets.double()
+    back_q = torch.stack([p1[:, 0].clamp(0.5, W - 0.5), p1[:, 1].clamp(0.5, H - 0.5)], dim=1)
+    bwd = trace(frame1, frame0, back_q, plain)
+    scale = torch.tensor([model.image_size[1] / W, model.image_size[0] / H], dtype=torch.float64)
+    err = ((bwd.targets.double() - q) * scale).norm(dim=1).float()                      # [Q] model px
+    fwd.visible = fwd.visible & (err <= float(cfg.fb_threshold))
+    fwd.fb_error = err
+    fwd.stats.update({f"backward_{k}": v for k, v in bwd.stats.items()})
+    return fwd
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """[N, H, W] -> same, separable Gaussian (radius ceil(3 sigma), reflect padding); sigma <= 0: unchanged."""
     if sigma <= 0:
@@ -550,6 +586,9 @@ def rgb_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | 
     cfg = cfg or KLTraceConfig(method="rgb")
     if cfg.method != "rgb":
         cfg = dataclasses.replace(cfg, method="rgb")
+    if _fb_on(cfg):
+        return forward_backward(lambda a, b, q, c: rgb_trace(model, a, b, q, c, return_maps),
+                                model, frame0, frame1, queries, cfg)
     h, w = int(model.image_size[0]), int(model.image_size[1])
     P = (h // int(model.cell)) * (w // int(model.cell))
     stats = {"kl_maps_calls": 0, "model_calls": 0}

@@ -35,6 +35,8 @@ class KLTraceConfig:
     rgb_occ_threshold: float = 10.0     # RGB variant: visible = peak summed |difference| (0..765) >= this
     batch: int = 16                     # queries per model call in kl_maps_naive / rgb_trace
     kl_center: float | None = None      # px from a cell's corner to its response centre; None: model / cell/4
+    fb_threshold: float | None = None   # model px; set: visible also needs the backward trace of the target to
+                                        # return within this of the query (forward-backward check, 2x cost)
 
     def __post_init__(self):
         if self.occ_level not in ("final", "first", "min", "mean", "max"):
@@ -56,6 +58,15 @@ class KLTraceConfig:
             raise ValueError(f"zoom_keep must be in (0, 1], got {self.zoom_keep!r}")
         if self.crop_margin < 0 or self.rgb_blur < 0:
             raise ValueError("crop_margin and rgb_blur must be >= 0")
+        if self.fb_threshold is not None:
+            try:
+                self.fb_threshold = float(self.fb_threshold)
+            except (TypeError, ValueError):
+                raise ValueError(f"fb_threshold must be a number of model px or null, got {self.fb_threshold!r}") \
+                    from None
+            if not self.fb_threshold > 0:
+                raise ValueError(f"fb_threshold must be > 0 (null: no forward-backward check), "
+                                 f"got {self.fb_threshold!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "KLTraceConfig":

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -327,6 +328,7 @@ class _Oracle:
         self.calls.append((q, t, len(points)))
         # which tracks are these? the ones whose gt at frame q equals the query point
         idx = [int(np.argmin(np.abs(self.points[:, q] - p).sum(-1))) for p in points]
+        self.last_result = SimpleNamespace(score=np.full(len(points), 10.0 * q + t), fb_error=None)
         return self.points[idx, t].astype(np.float32), ~self.occluded[idx, t]
 
 
@@ -352,6 +354,20 @@ def test_driver_two_frame_protocol_with_oracle():
     expected = sorted((int(q), tt) for q in np.unique(first) for tt in range(int(q) + 1, t))
     assert sorted((q, tt) for q, tt, _ in oracle.calls) == expected
     assert sum(c[2] for c in oracle.calls) == sum(t - 1 - int(q) for q in first)
+    assert "predictions" not in rec
+    # predictions=True: every entry's prediction and the source's score, null where not scored
+    res2 = E.evaluate_two_frame([{"name": "v", "video": video, "points": pts, "occluded": occ}], oracle,
+                                progress=False, predictions=True)
+    p = res2["per_video"][0]["predictions"]
+    assert {k for k in res2["per_video"][0] if k != "predictions"} == set(rec)
+    assert set(p) == {"query_points", "gt_tracks", "gt_occluded", "pred_tracks", "pred_occluded", "score"}
+    qf = np.round(np.array(p["query_points"])[:, 0]).astype(int)
+    scored = np.arange(t)[None, :] > qf[:, None]                       # [N, T]: frames after the query frame
+    assert np.allclose(np.array(p["pred_tracks"])[scored], np.array(p["gt_tracks"])[scored], atol=1e-3)
+    assert np.array(p["pred_occluded"]).dtype == bool and np.array(p["pred_occluded"]).shape == (n - 1, t)
+    for i in range(n - 1):
+        assert p["score"][i] == [10.0 * qf[i] + tt if tt > qf[i] else None for tt in range(t)]
+    json.dumps(p)                                      # plain JSON
 
 
 @pytest.fixture(scope="module")
@@ -382,12 +398,16 @@ def test_eval_cli(small_set, tmp_path, capsys):
     _, folder = small_set
     out = tmp_path / "res.json"
     rc = main(["eval", "--source", "zero,farneback", "--data", str(folder), "--out", str(out), "--max-videos", "1",
-               "--no-progress", "--set", "sources.farneback.levels=3"])
+               "--no-progress", "--set", "sources.farneback.levels=3", "--predictions"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"zero", "farneback"}
     assert len(res["results"]["zero"]["per_video"]) == 1
     assert res["config"]["sources"]["farneback"]["levels"] == 3
+    assert res["config"]["predictions"] is True
+    zp = res["results"]["zero"]["per_video"][0]["predictions"]
+    q = np.array(zp["query_points"])                   # (t, y, x); zero flow predicts (x, y) of the query
+    assert "score" not in zp and np.allclose(np.array(zp["pred_tracks"]), q[:, None, [2, 1]])
     assert "AJ" in capsys.readouterr().out
     assert main(["eval", "--source", "nope", "--data", str(folder)]) == 2
     assert main(["eval", "--source", "zero", "--data", str(tmp_path / "missing")]) == 2

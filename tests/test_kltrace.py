@@ -3,6 +3,7 @@
 The ideal predictor knows the true motion, so these tests measure the read-out itself: bump, KL, mask averaging,
 centroid, zoom bookkeeping. It is a fixture only: it never labels data.
 """
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 from teacher.ideal import IdealPredictor, fit_codebook
 from teacher.kltrace import (KLTraceConfig, TracerModel, View, average_masks, bump_pixels, gaussian_bump,
-                             group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops, readout,
+                             forward_backward, group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops, readout,
                              rgb_trace, touched_cells, touched_union, zoom_sides)
 
 torch.set_num_threads(1)
@@ -341,6 +342,52 @@ def test_occlusion_points_leaving_the_frame(scene):
                        kl_maps_fn=FAST_MAPS)
         assert res.visible.tolist() == [True, True, True, False, False, False], (level, res.score)
         assert (res.score[:3] > 10 * res.score[3:].max()).all()
+
+
+def test_forward_backward_flags_points_with_no_match(scene):
+    """Points that leave the frame have no true match; with the KL-peak test off (occ_threshold 0) the round trip
+    alone must find them, and visible points must come back within a few model px. The ideal predictor knows one
+    motion, so the backward trace uses the inverse translation's predictor."""
+    f0, cb = scene
+    fwd_model = IdealPredictor.translation(36.0, 0.0, cb, image_size=(64, 64))
+    bwd_model = IdealPredictor.translation(-36.0, 0.0, cb, image_size=(64, 64))
+    f1 = warp_frame(f0, fwd_model.inverse_map)
+    q = torch.tensor([[6.5, 20.0], [12.0, 40.0], [15.3, 10.0], [40.0, 20.0], [50.5, 44.0], [58.0, 30.0]])
+    calls = []
+
+    def trace(a, b, pts, cfg):
+        calls.append(cfg.fb_threshold)
+        model = fwd_model if a is f0 else bwd_model
+        return kl_trace(model, a, b, pts, cfg, kl_maps_fn=FAST_MAPS)
+
+    cfg = KLTraceConfig(num_masks=1, zoom_levels=2, occ_threshold=0.0, fb_threshold=4.0)
+    res = forward_backward(trace, fwd_model, f0, f1, q, cfg)
+    assert calls == [None, None]                        # both traces run without the check (no recursion)
+    assert res.fb_error.shape == (6,) and (res.fb_error[:3] < 3.0).all(), res.fb_error
+    assert (res.fb_error[3:] > 10.0).all(), res.fb_error
+    assert res.visible.tolist() == [True, True, True, False, False, False]
+    assert res.stats["backward_kl_maps_calls"] >= 3 and len(res.stats["backward_crop_pairs"]) == 3   # 1 + 2 levels
+
+
+def test_fb_threshold_in_kl_trace_and_rgb_trace():
+    model = TinyRandomTracer()
+    f0, f1 = texture(48, 40, 1), texture(48, 40, 2)
+    q = torch.tensor([[3.0, 4.0], [20.5, 30.2], [39.0, 47.0], [10.0, 10.0]])
+    base = KLTraceConfig(num_masks=1, zoom_levels=1, occ_threshold=0.0)
+    plain = kl_trace(model, f0, f1, q, base)
+    assert plain.fb_error is None
+    for fn in (kl_trace, rgb_trace):
+        loose = fn(model, f0, f1, q, dataclasses.replace(base, fb_threshold=1e6))
+        tight = fn(model, f0, f1, q, dataclasses.replace(base, fb_threshold=1e-6))
+        assert torch.equal(loose.targets, fn(model, f0, f1, q, base).targets)    # the forward estimate is kept
+        assert loose.fb_error.shape == (4,) and torch.isfinite(loose.fb_error).all()
+        assert torch.equal(tight.visible, loose.visible & (loose.fb_error <= 1e-6))
+        off = fn(model, f0, f1, q, dataclasses.replace(base, fb_threshold=float("inf")))   # inf: check off
+        assert off.fb_error is None and "backward_kl_maps_calls" not in off.stats
+    for bad in (0.0, -1.0, "near"):
+        with pytest.raises(ValueError, match="fb_threshold"):
+            KLTraceConfig(fb_threshold=bad)
+    assert KLTraceConfig(fb_threshold="inf").fb_threshold == float("inf")     # what --set ...=inf gives
 
 
 # ---------------------------------------------------------------------------------------------- crops
