@@ -32,15 +32,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from teacher.engine import CountingKLMaps, KLEngine, TokenMeter, plan_groups, plan_tokens, touched_masks  # noqa: E402
-from teacher.ideal import IdealPredictor, fit_codebook  # noqa: E402
-from teacher.kltrace import KLTraceConfig, kl_maps_naive, kl_trace  # noqa: E402
-from teacher.lpq import LPQ, LPQConfig, PRESETS as LPQ_PRESETS  # noqa: E402
-from teacher.lras import LRAS, LRASConfig, PRESETS  # noqa: E402
-from teacher.sequence import RELEASED_RGB, TokenLayout, sample_reveal  # noqa: E402
-from teacher.tracer import LRASTracer  # noqa: E402
+from teacher.engine import CountingKLMaps, KLEngine, TokenMeter, plan_groups, plan_tokens, touched_masks
+from teacher.ideal import IdealPredictor, fit_codebook
+from teacher.kltrace import KLTraceConfig, kl_maps_naive, kl_trace
+from teacher.lpq import LPQ, LPQConfig, PRESETS as LPQ_PRESETS
+from teacher.lras import LRAS, LRASConfig, PRESETS
+from teacher.sequence import RELEASED_RGB, TokenLayout, sample_reveal
+from teacher.tracer import LRASTracer
 
 ROWS: list[tuple] = []          # table rows
 RESULTS: list[tuple[str, float]] = []

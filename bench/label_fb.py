@@ -13,7 +13,7 @@ position. Sources:
  dis      OpenCV DIS (``pipeline.flowsources``), an informative classical tracker; it calls every point visible,
           so "without" = all points kept.
  kltrace  the teacher (``pipeline.label.Tracker``, as the labeler runs it) with a bundle: --teacher, default
-          teacher/weights/tiny when it exists, else the random micro teacher of tests/labelkit (its numbers say
+          teacher/weights/tiny when it exists, else the random micro teacher (teacher.checkpoints.write_micro_teacher) (its numbers say
           nothing about tracking quality; the script prints which one ran). A strided subset of the queries
           (--kl-points per video and gap) keeps its run time down.
 
@@ -44,8 +44,6 @@ import numpy as np
 from notes import machine_line, write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 RESULTS: list[tuple[str, float]] = []
 
@@ -177,10 +175,10 @@ def main(argv=None) -> int:
         elif (ROOT / "teacher" / "weights" / "tiny" / "teacher.json").is_file():
             teacher, teacher_name, micro = ROOT / "teacher" / "weights" / "tiny", "teacher/weights/tiny", False
         else:
-            from labelkit import make_teacher
+            from teacher.checkpoints import write_micro_teacher
 
-            teacher = make_teacher(scratch / "micro_teacher")
-            teacher_name = "RANDOM micro teacher (labelkit; teacher/weights/tiny absent) -- kltrace numbers meaningless"
+            teacher = write_micro_teacher(scratch / "micro_teacher")
+            teacher_name = "RANDOM micro teacher (write_micro_teacher; teacher/weights/tiny absent) -- kltrace numbers meaningless"
             micro = True
         kl_points = args.kl_points if args.kl_points is not None else (8 if micro else 12)
         data = scratch / "synth"

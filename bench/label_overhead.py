@@ -45,8 +45,6 @@ import numpy as np
 from notes import machine_line, write_notes  # bench/notes.py
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 RESULTS: list[tuple[str, float]] = []
 
@@ -142,7 +140,7 @@ def compare_labels(vdir: Path, outputs: dict) -> tuple[int, int, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None,
-                    help="teacher bundle dir (default: a random micro teacher, tests/labelkit.make_teacher)")
+                    help="teacher bundle dir (default: a random micro teacher, teacher.checkpoints.write_micro_teacher)")
     ap.add_argument("--videos", type=int, default=3, help="synthetic videos (work units)")
     ap.add_argument("--frames", type=int, default=16, help="frames per video")
     ap.add_argument("--size", type=int, default=256, help="video side (px); frames are stored at this size")
@@ -180,9 +178,9 @@ def main(argv=None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         if args.teacher is None:
-            from labelkit import make_teacher
+            from teacher.checkpoints import write_micro_teacher
 
-            teacher_dir, teacher_name = make_teacher(scratch / "micro_teacher"), "micro random teacher (labelkit)"
+            teacher_dir, teacher_name = write_micro_teacher(scratch / "micro_teacher"), "micro random teacher (write_micro_teacher)"
         else:
             teacher_dir, teacher_name = Path(args.teacher), f"bundle {args.teacher}"
         vids = scratch / f"videos_{args.videos}x{args.frames}_{args.size}"

@@ -639,6 +639,24 @@ def set_bundle_tracer(dir: str | os.PathLike, updates: dict, record: dict | None
     return tracer
 
 
+def write_micro_teacher(dir: str | os.PathLike) -> Path:
+    """A random micro ``TinyTeacher`` bundle (32 px, 1 layer, seed 0; tracer 1 mask x 1 zoom level, mask ratio 0.8)
+    for tests and benchmarks of the orchestration: fast to trace, tracks nothing. Kept if ``dir`` already holds one."""
+    import torch
+
+    from .tiny import TinyTeacher, TinyTeacherConfig
+
+    d = Path(dir)
+    if (d / "teacher.json").is_file():
+        return d
+    torch.manual_seed(0)
+    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, cv_window=8, n_layer=1, n_head=2, n_embd=32,
+                                      key_dim=8, top_offsets=16))
+    save_tiny_bundle(d, m.eval(), provenance={"note": "random micro teacher for tests"},
+                     tracer={"num_masks": 1, "zoom_levels": 1, "mask_ratio": 0.8})
+    return d
+
+
 def _tiny_id(sha: str, config: dict) -> str:
     blob = json.dumps({"kind": "tiny", "config": config}, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(f"{sha}\n{hashlib.sha256(blob).hexdigest()[:16]}".encode()).hexdigest()[:16]

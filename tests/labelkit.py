@@ -18,14 +18,11 @@ FAST = ["--set", "sampling.pairs_per_video=2", "--set", "sampling.num_points=8",
 
 
 def make_teacher(path: Path) -> Path:
-    """A random micro TinyTeacher bundle (32 px, 1 layer) whose bundle tracer is 1 mask x 1 zoom level."""
-    import torch
+    """A random micro TinyTeacher bundle (32 px, 1 layer) whose bundle tracer is 1 mask x 1 zoom level
+    (``teacher.checkpoints.write_micro_teacher``)."""
+    from teacher.checkpoints import write_micro_teacher
 
-    from teacher.checkpoints import save_tiny_bundle
-    from teacher.tiny import TinyTeacher, TinyTeacherConfig
-
-    if (path / "teacher.json").is_file():
-        return path
+    return write_micro_teacher(path)
     torch.manual_seed(0)
     m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, cv_window=8, n_layer=1, n_head=2, n_embd=32,
                                       key_dim=8, top_offsets=16))
