@@ -227,7 +227,10 @@ def main(argv=None) -> int:
         f"RESULT occ_auc {a:.4f}",
         *([f"RESULT fb_auc {a_fb:.4f}"] if use_fb else []),
     ]
-    report(lines, args.notes, "occ_threshold")
+    # the bundle's settings keep the main section; other tracer settings (e.g. the demo's) get their own
+    tag = "occ_threshold" if not tracer.keys() - {"fb_threshold"} else (
+        f"occ_threshold_{src.tracer_cfg.num_masks}m{src.tracer_cfg.zoom_levels}z_sigma{src.tracer_cfg.sigma:g}")
+    report(lines, args.notes, tag)
     return 0
 
 

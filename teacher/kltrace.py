@@ -38,7 +38,7 @@ For one query point q in frame 0 (raster px: pixel i spans [i, i+1), centre i+0.
    destination; the levels see different phases, and their mean is steadier (ideal predictor: visible points
    >= 0.4 in 100 % with "mean" vs 96 % with "final"; every point that left the frame < 0.4 with both).
 
-8. Forward-backward check (beyond the paper; ``fb_threshold``, off by default). Trace the estimate back:
+8. Forward-backward check (beyond the paper; ``fb_threshold`` > 0; null or 0, the default: off). Trace the estimate back:
    p0' = T(B -> A, clamp(p1)) with the same settings, and e = |S (p0' - p0)|, S = diag(w_m / W, h_m / H) (model
    px of the full-frame level); visible = (score >= occ_threshold) and (e <= fb_threshold). A point that is
    hidden in B has no true match there, so its backward trace lands on whatever covers it (Sundaram et al. 2010,
@@ -541,7 +541,7 @@ def kl_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | N
 
 
 def _fb_on(cfg: KLTraceConfig) -> bool:
-    return cfg.fb_threshold is not None and math.isfinite(cfg.fb_threshold)   # inf: the check is off
+    return cfg.fb_threshold is not None and 0 < cfg.fb_threshold < math.inf     # null, 0 or inf: no check
 
 
 def forward_backward(trace: Callable, model: TracerModel, frame0, frame1, queries,

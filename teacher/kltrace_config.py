@@ -35,8 +35,9 @@ class KLTraceConfig:
     rgb_occ_threshold: float = 10.0     # RGB variant: visible = peak summed |difference| (0..765) >= this
     batch: int = 16                     # queries per model call in kl_maps_naive / rgb_trace
     kl_center: float | None = None      # px from a cell's corner to its response centre; None: model / cell/4
-    fb_threshold: float | None = None   # model px; set: visible also needs the backward trace of the target to
-                                        # return within this of the query (forward-backward check, 2x cost)
+    fb_threshold: float | None = None   # model px; > 0: visible also needs the backward trace of the target to
+                                        # return within this of the query (forward-backward check, 2x cost);
+                                        # null or 0: no check (0 also overrides a bundle's setting)
 
     def __post_init__(self):
         if self.occ_level not in ("final", "first", "min", "mean", "max"):
@@ -64,8 +65,8 @@ class KLTraceConfig:
             except (TypeError, ValueError):
                 raise ValueError(f"fb_threshold must be a number of model px or null, got {self.fb_threshold!r}") \
                     from None
-            if not self.fb_threshold > 0:
-                raise ValueError(f"fb_threshold must be > 0 (null: no forward-backward check), "
+            if not self.fb_threshold >= 0:
+                raise ValueError(f"fb_threshold must be >= 0 (0 or null: no forward-backward check), "
                                  f"got {self.fb_threshold!r}")
 
     @classmethod

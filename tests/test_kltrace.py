@@ -382,9 +382,10 @@ def test_fb_threshold_in_kl_trace_and_rgb_trace():
         assert torch.equal(loose.targets, fn(model, f0, f1, q, base).targets)    # the forward estimate is kept
         assert loose.fb_error.shape == (4,) and torch.isfinite(loose.fb_error).all()
         assert torch.equal(tight.visible, loose.visible & (loose.fb_error <= 1e-6))
-        off = fn(model, f0, f1, q, dataclasses.replace(base, fb_threshold=float("inf")))   # inf: check off
-        assert off.fb_error is None and "backward_kl_maps_calls" not in off.stats
-    for bad in (0.0, -1.0, "near"):
+        for none in (0.0, float("inf")):                          # 0 (what overrides a bundle's) or inf: off
+            off = fn(model, f0, f1, q, dataclasses.replace(base, fb_threshold=none))
+            assert off.fb_error is None and "backward_kl_maps_calls" not in off.stats
+    for bad in (-1.0, "near"):
         with pytest.raises(ValueError, match="fb_threshold"):
             KLTraceConfig(fb_threshold=bad)
     assert KLTraceConfig(fb_threshold="inf").fb_threshold == float("inf")     # what --set ...=inf gives
