@@ -38,11 +38,12 @@ For one query point q in frame 0 (raster px: pixel i spans [i, i+1), centre i+0.
    destination; the levels see different phases, and their mean is steadier (ideal predictor: visible points
    >= 0.4 in 100 % with "mean" vs 96 % with "final"; every point that left the frame < 0.4 with both).
 
-8. Forward-backward check (beyond the paper; ``fb_threshold`` > 0; null or 0, the default: off). Trace the estimate back:
-   p0' = T(B -> A, clamp(p1)) with the same settings, and e = |S (p0' - p0)|, S = diag(w_m / W, h_m / H) (model
-   px of the full-frame level); visible = (score >= occ_threshold) and (e <= fb_threshold). A point that is
-   hidden in B has no true match there, so its backward trace lands on whatever covers it (Sundaram et al. 2010,
-   for dense flow); unlike the KL peak, e does not scale with the texture's contrast. Costs a second trace.
+8. Forward-backward check (beyond the paper; ``fb_threshold`` > 0; null or 0, the default: off). Trace the
+   estimate back, p0' = T(B -> A, clamp(p1)) with the same settings, and e = |S (p0' - p0)|,
+   S = diag(w_m / W, h_m / H) (model px of the full-frame level); visible = (score >= occ_threshold) and
+   (e <= fb_threshold). A point hidden in B has no true match there: its estimate lands on whatever covers it,
+   whose backward trace leads to that surface's own place in A (Sundaram et al. 2010, for dense flow); unlike
+   the KL peak, e does not scale with the texture's contrast. Costs a second trace.
                                                                                               ``forward_backward``
 
 RGB-difference variant (``rgb_trace``, the paper's "LRAS RGB"): decode clean and perturbed predictions of frame 1

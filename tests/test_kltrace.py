@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import yaml
 
 from teacher.ideal import IdealPredictor, fit_codebook
-from teacher.kltrace import (KLTraceConfig, TracerModel, View, average_masks, bump_pixels, gaussian_bump,
-                             forward_backward, group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops, readout,
-                             rgb_trace, touched_cells, touched_union, zoom_sides)
+from teacher.kltrace import (KLTraceConfig, TracerModel, View, average_masks, bump_pixels, forward_backward,
+                             gaussian_bump, group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops,
+                             readout, rgb_trace, touched_cells, touched_union, zoom_sides)
 
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
