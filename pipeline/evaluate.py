@@ -404,10 +404,10 @@ def evaluate_two_frame(dataset: Iterable[dict], source, query_mode: str = "first
             rec.update({k: None for k in METRIC_KEYS}, ad=None)
             per_video.append(rec)
             continue
-        extras: dict = {}
+        extras: dict | None = {} if predictions else None
         pred, pred_occ, calls = predict_two_frame(video, queries, source, query_mode, extras)
         calls_total += calls
-        if predictions:
+        if extras is not None:
             rec["predictions"] = _json_arrays({"query_points": queries, "gt_tracks": qd["target_points"][0],
                                                "gt_occluded": qd["occluded"][0], "pred_tracks": pred,
                                                "pred_occluded": pred_occ, **extras})
