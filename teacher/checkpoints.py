@@ -642,8 +642,6 @@ def set_bundle_tracer(dir: str | os.PathLike, updates: dict, record: dict | None
 def write_micro_teacher(dir: str | os.PathLike) -> Path:
     """A random micro ``TinyTeacher`` bundle (32 px, 1 layer, seed 0; tracer 1 mask x 1 zoom level, mask ratio 0.8)
     for tests and benchmarks of the orchestration: fast to trace, tracks nothing. Kept if ``dir`` already holds one."""
-    import torch
-
     from .tiny import TinyTeacher, TinyTeacherConfig
 
     d = Path(dir)

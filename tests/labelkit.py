@@ -23,12 +23,6 @@ def make_teacher(path: Path) -> Path:
     from teacher.checkpoints import write_micro_teacher
 
     return write_micro_teacher(path)
-    torch.manual_seed(0)
-    m = TinyTeacher(TinyTeacherConfig(image_size=32, radius=4, cv_window=8, n_layer=1, n_head=2, n_embd=32,
-                                      key_dim=8, top_offsets=16))
-    save_tiny_bundle(path, m.eval(), provenance={"note": "random micro teacher for tests"},
-                     tracer={"num_masks": 1, "zoom_levels": 1, "mask_ratio": 0.8})
-    return path
 
 
 def make_videos(path: Path, n: int, seed: int = 0, prefix: str = "vid", frames: int = 6, size: int = 64) -> Path:
