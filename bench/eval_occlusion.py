@@ -2,12 +2,19 @@
 the occlusion errors by how well the point was tracked.
 
   python bench/eval_occlusion.py R.json [R2.json ...] [--source kltrace] [--far 8]
+                                 [--occ-threshold T --fb-threshold E]
 
 Per results file (scored entries of the TAP-Vid "first" protocol, ground truth from the JSON): entries, occluded
 entries, visible entries called occluded (and how many of those were tracked more than ``--far`` px off — a wrong
 track, which a round-trip check rightly cannot close), occluded entries called visible, occlusion accuracy vs
 "always visible", and the AUC of the KL peak and of the round-trip error (when stored) for visible vs occluded.
 Reads only; traces nothing. OA here is pooled over entries (``flowdistill eval`` reports the mean over videos).
+
+``--occ-threshold`` / ``--fb-threshold`` re-score the stored entries under another occlusion rule (visible = KL peak
+>= T and round-trip error <= E; E 0 = no round trip): the tracks do not depend on the rule, so AJ, delta_avg and OA
+are recomputed exactly as ``flowdistill eval`` computes them (means over videos) without tracing again. The scores
+are stored to 4 decimals; the stored calls are first re-derived under the thresholds the run used
+(``--used-occ-threshold`` / ``--used-fb-threshold``, the tracer's) to check the re-scoring reads them right.
 """
 from __future__ import annotations
 
@@ -43,14 +50,51 @@ def entries(result: dict) -> dict:
     return {k: np.concatenate(v) for k, v in cols.items() if v}
 
 
+def rule_occluded(score: np.ndarray, fb_error: np.ndarray | None, occ_threshold: float,
+                  fb_threshold: float | None) -> np.ndarray:
+    """Occluded under the rule visible = (score >= occ_threshold) and (fb_error <= fb_threshold); a threshold of
+    None / 0 for the round trip = no round trip (``teacher.kltrace`` semantics). NaN (unscored) -> visible."""
+    vis = ~(score < occ_threshold)
+    if fb_threshold:
+        if fb_error is None:
+            raise SystemExit("--fb-threshold needs round-trip errors in the results (eval with the check on)")
+        vis &= ~(fb_error > fb_threshold)
+    return ~vis
+
+
+def rescore(result: dict, occ_threshold: float, fb_threshold: float | None) -> dict:
+    """Per-video TAP-Vid metrics of the stored tracks under another occlusion rule; means over videos as
+    ``pipeline.evaluate.evaluate_two_frame`` takes them. Returns {"mean": {...}, "pred_occluded": [per video]}."""
+    from pipeline.evaluate import METRIC_KEYS, compute_tapvid_metrics
+
+    per, calls = [], []
+    for rec in result["per_video"]:
+        p = rec["predictions"]
+        arr = {k: np.asarray([[np.nan if v is None else v for v in row] for row in p[k]], float)
+               for k in ("score", "fb_error") if k in p}
+        po = rule_occluded(arr["score"], arr.get("fb_error"), occ_threshold, fb_threshold)
+        m = compute_tapvid_metrics(np.asarray(p["query_points"], float)[None], np.asarray(p["gt_occluded"], bool)[None],
+                                   np.asarray(p["gt_tracks"], float)[None], po[None],
+                                   np.asarray(p["pred_tracks"], float)[None], "first")
+        per.append({k: float(m[k][0]) for k in METRIC_KEYS})
+        calls.append(po)
+    mean = {k: float(np.nanmean([r[k] for r in per])) for k in METRIC_KEYS}
+    return {"mean": mean, "pred_occluded": calls}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="flowdistill eval --predictions --out JSON files")
     ap.add_argument("--source", default="kltrace")
     ap.add_argument("--far", type=float, default=8.0, help="px: a visible entry this far off is a failed track")
     ap.add_argument("--names", default=None, help="comma-separated labels for the files (default: file stems)")
+    ap.add_argument("--occ-threshold", type=float, default=None, help="re-score under this KL-peak threshold")
+    ap.add_argument("--fb-threshold", type=float, default=None, help="re-score under this round-trip threshold")
+    ap.add_argument("--used-occ-threshold", type=float, default=0.0, help="the KL-peak threshold the run used")
+    ap.add_argument("--used-fb-threshold", type=float, default=None, help="the round-trip threshold the run used")
     ap.add_argument("--notes", default=str(ROOT / "bench" / "NOTES.md"), help="NOTES.md to update ('' : none)")
     args = ap.parse_args(argv)
+    do_rescore = args.occ_threshold is not None or args.fb_threshold is not None
     names = args.names.split(",") if args.names else [Path(r).stem for r in args.results]
     if len(names) != len(args.results):
         raise SystemExit("--names must give one label per results file")
@@ -75,11 +119,32 @@ def main(argv=None) -> int:
             f"{100 * oa:.1f} % (always visible {100 * always:.1f} %); AUC KL peak {a_kl:.3f}, round-trip error "
             f"{a_fb:.3f}")
         results.append((name, oa, always, int(false_occ.sum()), int((false_occ & far).sum())))
+        if do_rescore:
+            used = rescore(res[args.source], args.used_occ_threshold, args.used_fb_threshold)
+            stored = [np.asarray(r["predictions"]["pred_occluded"], bool) for r in res[args.source]["per_video"]]
+            mism = sum(int((a != b).sum()) for a, b in zip(used["pred_occluded"], stored))
+            if mism > 0.01 * sum(a.size for a in stored):
+                raise SystemExit(f"{path}: re-deriving the stored calls under occ {args.used_occ_threshold}, fb "
+                                 f"{args.used_fb_threshold} disagrees on {mism} entries: pass the thresholds the run used")
+            occ_t = args.occ_threshold if args.occ_threshold is not None else args.used_occ_threshold
+            fb_t = args.fb_threshold if args.fb_threshold is not None else args.used_fb_threshold
+            new = rescore(res[args.source], occ_t, fb_t)
+            stored_mean = res[args.source]["mean"]
+            m = new["mean"]
+            fmt = lambda d: (f"AJ {100 * d['average_jaccard']:.1f}, delta_avg {100 * d['average_pts_within_thresh']:.1f}, "
+                             f"OA {100 * d['occlusion_accuracy']:.1f}")
+            lines.append(f"  - re-scored with occ_threshold {occ_t:g}, fb_threshold {fb_t or 'off'} ({mism} stored calls "
+                         f"differ from their re-derivation by rounding): {fmt(m)} (stored run: {fmt(stored_mean)}; "
+                         f"means over videos as flowdistill eval)")
+            results[-1] += (m,)
     lines.append("")
-    for name, oa, always, fo, fo_far in results:
+    for name, oa, always, fo, fo_far, *new in results:
         lines += [f"RESULT {name}_occ_accuracy {oa:.4f}", f"RESULT {name}_occ_accuracy_always_visible {always:.4f}",
                   f"RESULT {name}_false_occluded {fo}", f"RESULT {name}_false_occluded_far {fo_far}"]
-    report(lines, args.notes or None, "eval_occlusion")
+        if new:
+            lines += [f"RESULT {name}_rescored_average_jaccard {new[0]['average_jaccard']:.4f}",
+                      f"RESULT {name}_rescored_occ_accuracy {new[0]['occlusion_accuracy']:.4f}"]
+    report(lines, args.notes or None, "eval_occlusion_rescored" if do_rescore else "eval_occlusion")
     return 0
 
 

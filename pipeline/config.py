@@ -15,14 +15,19 @@ import yaml
 from .common import InputError
 
 
-def _merge(base: dict, new: dict, where: str, strict: bool) -> dict:
+def _merge(base: dict, new: dict, where: str, schema: dict | None) -> dict:
+    """``new`` deep-merged over ``base``. ``schema`` (the defaults at this level): where it is a mapping, keys
+    outside it are rejected; where the defaults hold no mapping (None, a scalar: a free-form option such as a
+    tracer override, validated by its consumer) or no defaults were given, any key merges. Strictness follows the
+    defaults, not the config built so far, so two overrides of one free-form option behave like one."""
     out = copy.deepcopy(base)
     for k, v in new.items():
-        if strict and k not in out:
-            known = ", ".join(sorted(out)) or "(none)"
+        if schema is not None and k not in schema:
+            known = ", ".join(sorted(schema)) or "(none)"
             raise InputError(where, f"unknown config key {k!r} (known: {known})")
+        sub = schema.get(k) if schema is not None else None
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{where}:{k}", strict)
+            out[k] = _merge(out[k], v, f"{where}:{k}", sub if isinstance(sub, dict) else None)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -65,10 +70,10 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = (), defaults: dict | None = None) -> dict:
     """Defaults ← YAML file ← overrides. With ``defaults`` given, keys outside them are rejected."""
-    strict = defaults is not None
+    schema = defaults if defaults is not None else None
     cfg = copy.deepcopy(defaults) if defaults else {}
     if path is not None:
-        cfg = _merge(cfg, read_yaml(path), str(path), strict)
+        cfg = _merge(cfg, read_yaml(path), str(path), schema)
     for ov in overrides:
-        cfg = _merge(cfg, parse_override(ov), ov, strict)
+        cfg = _merge(cfg, parse_override(ov), ov, schema)
     return cfg

@@ -42,6 +42,19 @@ def test_overrides_and_unknown_keys(tmp_path):
         load_config(tmp_path / "missing.yaml", [], defaults)
 
 
+def test_free_form_option_takes_several_overrides(tmp_path):
+    """A key whose default is None (e.g. a tracer override) is free-form: one --set per sub-key, any number of
+    them, from the file or the command line; keys beside it stay checked."""
+    defaults = {"src": {"teacher": None, "tracer": None, "threads": 1}}
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("src: {tracer: {sigma: 1.0}}\n")
+    cfg = load_config(cfg_file, ["src.tracer.num_masks=1", "src.tracer.zoom_levels=2", "src.teacher=t"], defaults)
+    assert cfg == {"src": {"teacher": "t", "tracer": {"sigma": 1.0, "num_masks": 1, "zoom_levels": 2}, "threads": 1}}
+    with pytest.raises(InputError, match="unknown config key 'thread'"):
+        load_config(None, ["src.tracer.a=1", "src.thread=2"], defaults)
+    assert load_config(None, ["free.a=1", "free.b=2"]) == {"free": {"a": 1, "b": 2}}    # no defaults: no checks
+
+
 def test_bad_config_exits_2_with_message(tmp_path, capsys):
     assert cli.main(["demo", "--set", "nonsense_key=1"]) == 2
     assert "nonsense_key" in capsys.readouterr().err

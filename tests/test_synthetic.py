@@ -273,3 +273,26 @@ def test_shipped_configs():
     assert not set(ht["texture"]["families"]) & set(val["texture"]["families"])
     assert val["texture"] == default["texture"]                      # validation = training textures
     assert (val["motion"], val["camera"]) == (ht["motion"], ht["camera"])
+    # the unseen-texture validation set: a family neither training nor held-out uses, its own seed, else = val
+    valu = S.resolve_config(load_config(ROOT / "configs/synth/val_teacher_unseen.yaml", [], S.DEFAULTS))
+    assert not set(valu["texture"]["families"]) & (set(ht["texture"]["families"]) | set(val["texture"]["families"]))
+    assert len({ht["seed"], val["seed"], valu["seed"], default["seed"]}) == 4
+    same = ("num_videos", "num_frames", "size", "num_sprites", "sprite_size", "shapes", "camera", "motion", "points")
+    assert all(valu[k] == val[k] for k in same)
+
+
+def test_cells_texture():
+    """Voronoi cells: flat regions split by sharp edges, tile-periodic, seeded; no grating-like periodicity inside."""
+    tcfg = S.resolve_config({})["texture"]
+    a = S.make_texture(np.random.default_rng(7), "cells", 128, tcfg)
+    assert a.shape == (128, 128, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    np.testing.assert_array_equal(a, S.make_texture(np.random.default_rng(7), "cells", 128, tcfg))
+    assert not np.array_equal(a, S.make_texture(np.random.default_rng(8), "cells", 128, tcfg))
+    grad = np.abs(np.diff(a, axis=1)).sum(-1)
+    assert np.median(grad) < 0.15 < np.quantile(grad, 0.99)           # mostly flat, with strong edges
+    # the tile wraps: the seam is no stronger than the inside
+    seam = np.abs(a[:, 0] - a[:, -1]).sum(-1)
+    assert seam.mean() < 3 * grad.mean()
+    # not periodic below the tile: no shift by the grid pitch maps the texture onto itself
+    for p in (8, 16, 32):
+        assert np.abs(np.roll(a, p, axis=1) - a).mean() > 0.05
