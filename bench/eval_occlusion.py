@@ -63,8 +63,9 @@ def rule_occluded(score: np.ndarray, fb_error: np.ndarray | None, occ_threshold:
 
 
 def rescore(result: dict, occ_threshold: float, fb_threshold: float | None) -> dict:
-    """Per-video TAP-Vid metrics of the stored tracks under another occlusion rule; means over videos as
-    ``pipeline.evaluate.evaluate_two_frame`` takes them. Returns {"mean": {...}, "pred_occluded": [per video]}."""
+    """Per-video TAP-Vid metrics of the stored tracks under another occlusion rule, and their means over videos as
+    ``pipeline.evaluate.evaluate_two_frame`` takes them (AD does not depend on the rule: copied). Returns
+    {"mean": {...}, "per_video": [{name, metrics, ad}], "pred_occluded": [bool [N, T] per video]}."""
     from pipeline.evaluate import METRIC_KEYS, compute_tapvid_metrics
 
     per, calls = [], []
@@ -76,10 +77,12 @@ def rescore(result: dict, occ_threshold: float, fb_threshold: float | None) -> d
         m = compute_tapvid_metrics(np.asarray(p["query_points"], float)[None], np.asarray(p["gt_occluded"], bool)[None],
                                    np.asarray(p["gt_tracks"], float)[None], po[None],
                                    np.asarray(p["pred_tracks"], float)[None], "first")
-        per.append({k: float(m[k][0]) for k in METRIC_KEYS})
+        per.append({"name": rec["name"], **{k: float(m[k][0]) for k in METRIC_KEYS}, "ad": rec.get("ad")})
         calls.append(po)
     mean = {k: float(np.nanmean([r[k] for r in per])) for k in METRIC_KEYS}
-    return {"mean": mean, "pred_occluded": calls}
+    mean["ad"] = result["mean"].get("ad")
+    mean["num_videos"] = len(per)
+    return {"mean": mean, "per_video": per, "pred_occluded": calls}
 
 
 def main(argv=None) -> int:
@@ -92,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fb-threshold", type=float, default=None, help="re-score under this round-trip threshold")
     ap.add_argument("--used-occ-threshold", type=float, default=0.0, help="the KL-peak threshold the run used")
     ap.add_argument("--used-fb-threshold", type=float, default=None, help="the round-trip threshold the run used")
+    ap.add_argument("--out", default=None, metavar="JSON",
+                    help="with a re-scoring: write each file's re-scored metrics here ({label: {rule, source, mean, "
+                         "per_video}}, means over videos as flowdistill eval)")
     ap.add_argument("--notes", default=str(ROOT / "bench" / "NOTES.md"), help="NOTES.md to update ('' : none)")
     args = ap.parse_args(argv)
     do_rescore = args.occ_threshold is not None or args.fb_threshold is not None
@@ -100,6 +106,7 @@ def main(argv=None) -> int:
         raise SystemExit("--names must give one label per results file")
     lines = ["## bench/eval_occlusion.py — where the occlusion calls go wrong (from eval --predictions)", ""]
     results = []
+    rescored: dict[str, dict] = {}
     for name, path in zip(names, args.results):
         res = json.loads(Path(path).read_text())["results"]
         if args.source not in res:
@@ -137,6 +144,9 @@ def main(argv=None) -> int:
                          f"differ from their re-derivation by rounding): {fmt(m)} (stored run: {fmt(stored_mean)}; "
                          f"means over videos as flowdistill eval)")
             results[-1] += (m,)
+            rescored[name] = {"from": str(path), "source": args.source,
+                              "rule": {"occ_threshold": occ_t, "fb_threshold": fb_t or None},
+                              "mean": m, "per_video": new["per_video"]}
     lines.append("")
     for name, oa, always, fo, fo_far, *new in results:
         lines += [f"RESULT {name}_occ_accuracy {oa:.4f}", f"RESULT {name}_occ_accuracy_always_visible {always:.4f}",
@@ -144,6 +154,12 @@ def main(argv=None) -> int:
         if new:
             lines += [f"RESULT {name}_rescored_average_jaccard {new[0]['average_jaccard']:.4f}",
                       f"RESULT {name}_rescored_occ_accuracy {new[0]['occlusion_accuracy']:.4f}"]
+    if args.out and rescored:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(rescored, indent=1, sort_keys=True))
+        tmp.replace(out)
+        lines.append(f"- re-scored metrics -> {args.out}")
     report(lines, args.notes or None, "eval_occlusion_rescored" if do_rescore else "eval_occlusion")
     return 0
 
