@@ -231,8 +231,8 @@ def main(argv=None) -> int:
         f"RESULT occ_auc {a:.4f}",
         *([f"RESULT fb_auc {a_fb:.4f}"] if use_fb else []),
     ]
-    # the bundle's settings keep the main section; other tracer settings (e.g. the demo's) get their own
-    # and so does another calibration set
+    # the bundle's settings on the default set keep the main section; other tracer settings (e.g. the demo's) and
+    # other calibration sets get their own
     tag = "occ_threshold" if not tracer.keys() - {"fb_threshold"} else (
         f"occ_threshold_{src.tracer_cfg.num_masks}m{src.tracer_cfg.zoom_levels}z_sigma{src.tracer_cfg.sigma:g}")
     if Path(args.data_config).resolve() != DEFAULT_DATA.resolve():

@@ -70,10 +70,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = (), defaults: dict | None = None) -> dict:
     """Defaults ← YAML file ← overrides. With ``defaults`` given, keys outside them are rejected."""
-    schema = defaults if defaults is not None else None
     cfg = copy.deepcopy(defaults) if defaults else {}
     if path is not None:
-        cfg = _merge(cfg, read_yaml(path), str(path), schema)
+        cfg = _merge(cfg, read_yaml(path), str(path), defaults)
     for ov in overrides:
-        cfg = _merge(cfg, parse_override(ov), ov, schema)
+        cfg = _merge(cfg, parse_override(ov), ov, defaults)
     return cfg
