@@ -71,8 +71,7 @@ def rescore(result: dict, occ_threshold: float, fb_threshold: float | None) -> d
     per, calls = [], []
     for rec in result["per_video"]:
         p = rec["predictions"]
-        arr = {k: np.asarray([[np.nan if v is None else v for v in row] for row in p[k]], float)
-               for k in ("score", "fb_error") if k in p}
+        arr = {k: np.asarray(p[k], dtype=float) for k in ("score", "fb_error") if k in p}     # null -> NaN
         po = rule_occluded(arr["score"], arr.get("fb_error"), occ_threshold, fb_threshold)
         m = compute_tapvid_metrics(np.asarray(p["query_points"], float)[None], np.asarray(p["gt_occluded"], bool)[None],
                                    np.asarray(p["gt_tracks"], float)[None], po[None],
@@ -155,10 +154,9 @@ def main(argv=None) -> int:
             lines += [f"RESULT {name}_rescored_average_jaccard {new[0]['average_jaccard']:.4f}",
                       f"RESULT {name}_rescored_occ_accuracy {new[0]['occlusion_accuracy']:.4f}"]
     if args.out and rescored:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rescored, indent=1, sort_keys=True))
-        tmp.replace(out)
+        from pipeline.common import atomic_write_json
+
+        atomic_write_json(args.out, rescored)
         lines.append(f"- re-scored metrics -> {args.out}")
     report(lines, args.notes or None, "eval_occlusion_rescored" if do_rescore else "eval_occlusion")
     return 0
