@@ -337,7 +337,8 @@ def predict_two_frame(video: np.ndarray, query_points: np.ndarray, source, query
     ``source.track(video[q], video[t], xy_q)`` is called once for all queries of frame q — never chained.
     Unscored entries keep the query point and "visible". Returns (tracks float64 [N, T, 2] (x, y),
     occluded bool [N, T], number of track calls). ``extras`` (a dict, filled in place): for sources that keep
-    their last ``TraceResult`` (teacher sources), "score" and, with the forward-backward check, "fb_error",
+    their last ``TraceResult`` (teacher sources), "score" and, with the forward-backward / appearance checks,
+    "fb_error" / "app_error",
     float64 [N, T] (NaN where not scored) — what an occlusion rule reads, so rules can be compared offline.
     """
     n_t = video.shape[0]
@@ -362,7 +363,7 @@ def predict_two_frame(video: np.ndarray, query_points: np.ndarray, source, query
             calls += 1
             last = getattr(source, "last_result", None)
             if extras is not None and last is not None:
-                for key in ("score", "fb_error"):
+                for key in ("score", "fb_error", "app_error"):
                     val = getattr(last, key, None)
                     if val is not None:
                         extras.setdefault(key, np.full((n, n_t), np.nan))[sel, t] = np.asarray(val, np.float64)
@@ -377,7 +378,7 @@ def evaluate_two_frame(dataset: Iterable[dict], source, query_mode: str = "first
     metrics, ``ad`` (mean endpoint error, px, over gt-visible scored entries), query/frame counts. ``mean``:
     plain mean over videos that have at least one scored visible entry. ``predictions``: each video's record also
     holds "predictions" — query_points [N, 3] (t, y, x), gt_tracks [N, T, 2], gt_occluded, pred_tracks,
-    pred_occluded and the source's extras (score, fb_error; null where not scored), as nested lists.
+    pred_occluded and the source's extras (score, fb_error, app_error; null where not scored), as nested lists.
     """
     items = list(dataset)
     it = items

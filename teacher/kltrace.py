@@ -45,6 +45,17 @@ For one query point q in frame 0 (raster px: pixel i spans [i, i+1), centre i+0.
    whose backward trace leads to that surface's own place in A (Sundaram et al. 2010, for dense flow); unlike
    the KL peak, e does not scale with the texture's contrast. Costs a second trace.
                                                                                               ``forward_backward``
+9. Appearance check (beyond the paper; ``app_threshold`` > 0; null or 0, the default: off). A visible point's
+   content is in B near the estimate p; a hidden one's is not (its estimate lands on whatever covers it). With
+   q, p the pixels holding the query and the estimate, the (2r+1)^2 patches a(u) = A(q + u), b_s(u) = B(p + s + u):
+       e_app = min_{s in [-S, S]^2} mean_{u, ch} |a(u) - b_s(u)| / (std_{u, ch} a + f),
+   r = app_radius, S = app_search (px of the frames given), f = app_floor grey levels; pixels of b_s outside B
+   are left out of its mean, and a shift with fewer than half of them inside B is no match. visible &= e_app <=
+   app_threshold. The search lets tracks that are a few px off still find their content; dividing by the
+   patch's contrast makes one threshold serve textures of any contrast. It reads the frames only (no model
+   pass) and is the classical brightness-constancy test of occlusion reasoning in flow, added because a small
+   teacher's KL peak and round trip separate hidden from visible points poorly on unfamiliar textures.
+                                                                                              ``appearance_error``
 
 RGB-difference variant (``rgb_trace``, the paper's "LRAS RGB"): decode clean and perturbed predictions of frame 1
 (``predict_frame1``), E(x) = sum_channels |B'_pert(x) - B'_clean(x)|, optionally Gaussian-blurred, averaged over
@@ -105,7 +116,7 @@ class TraceResult:
     (with return_maps): one dict per level {"level", "kl" [Q, gh, gw] mask-averaged map (RGB: [Q, h, w]),
     "box0", "box1" [Q, 4] (left, top, width, height) original px of the crops each query saw}; stats:
     {"kl_maps_calls", "model_calls", "crop_pairs": per level}; fb_error [Q] float32 model px (only with the
-    forward-backward check, else None)."""
+    forward-backward check, else None); app_error [Q] float32 (only with the appearance check, else None)."""
     targets: torch.Tensor
     visible: torch.Tensor
     score: torch.Tensor
@@ -113,6 +124,7 @@ class TraceResult:
     maps: list | None = None
     stats: dict = field(default_factory=dict)
     fb_error: torch.Tensor | None = None
+    app_error: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- perturbation
@@ -512,6 +524,10 @@ def kl_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | N
     Steps 2-7 of the module docstring; ``kl_maps_fn`` (``kl_maps_naive`` or an engine) is called once per
     (crop pair, mask) with all the pair's queries. ``cfg.method == "rgb"`` runs ``rgb_trace`` instead."""
     cfg = cfg or KLTraceConfig()
+    if _app_on(cfg):
+        res = kl_trace(model, frame0, frame1, queries, dataclasses.replace(cfg, app_threshold=None), kl_maps_fn,
+                       return_maps)
+        return appearance_check(res, frame0, frame1, queries, cfg)
     if _fb_on(cfg):
         return forward_backward(lambda a, b, q, c: kl_trace(model, a, b, q, c, kl_maps_fn, return_maps),
                                 model, frame0, frame1, queries, cfg)
@@ -539,6 +555,62 @@ def kl_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | N
         return xy, peak, avg
 
     return _multiscale(model, frame0, frame1, queries, cfg, solve, return_maps, stats)
+
+
+def _app_on(cfg: KLTraceConfig) -> bool:
+    return cfg.app_threshold is not None and 0 < cfg.app_threshold < math.inf   # null, 0 or inf: no check
+
+
+def appearance_error(frame0, frame1, queries, targets, radius: int = 3, search: int = 4,
+                     floor: float = 8.0) -> torch.Tensor:
+    """Step 9: e_app [Q] float32 for queries / targets [Q, 2] (raster px of frames [H, W, 3], any size).
+
+    e_app = min over shifts s in [-S, S]^2 of mean |A(q + u) - B(p + s + u)| / (std A(q + u) + floor), u in
+    [-r, r]^2, over the 3 channels; q, p = the pixels holding the query and the target (clamped into the frame);
+    A is edge-padded, pixels of B outside the frame are left out and a shift with fewer than half of its pixels
+    inside B counts as no match (inf)."""
+    a_img = torch.from_numpy(_as_hwc_uint8(frame0)).permute(2, 0, 1).float()         # [3, H, W]
+    b_img = torch.from_numpy(_as_hwc_uint8(frame1)).permute(2, 0, 1).float()
+    if a_img.shape != b_img.shape:
+        raise ValueError(f"frame shapes differ: {tuple(a_img.shape)} vs {tuple(b_img.shape)}")
+    H, W = a_img.shape[1:]
+    r, S = int(radius), int(search)
+    q = torch.as_tensor(queries, dtype=torch.float64).reshape(-1, 2)
+    p = torch.as_tensor(targets, dtype=torch.float64).reshape(-1, 2)
+    if q.shape != p.shape:
+        raise ValueError(f"queries {tuple(q.shape)} and targets {tuple(p.shape)} differ")
+    if q.shape[0] == 0:
+        return torch.zeros(0)
+
+    def pix(xy):                                                                       # [Q] x, y pixel ids
+        return (xy[:, 0].floor().clamp(0, W - 1).long(), xy[:, 1].floor().clamp(0, H - 1).long())
+
+    u = torch.arange(-r, r + 1)
+    qx, qy = pix(q)
+    a_pad = F.pad(a_img[None], (r, r, r, r), mode="replicate")[0]
+    a = a_pad[:, (qy[:, None] + u + r)[:, :, None], (qx[:, None] + u + r)[:, None, :]]   # [3, Q, k, k]
+    m = r + S
+    b_pad = torch.full((3, H + 2 * m, W + 2 * m), float("nan"))
+    b_pad[:, m:m + H, m:m + W] = b_img
+    px, py = pix(p)
+    v = torch.arange(-m, m + 1)
+    b = b_pad[:, (py[:, None] + v + m)[:, :, None], (px[:, None] + v + m)[:, None, :]]   # [3, Q, K, K]
+    k = 2 * r + 1
+    win = b.unfold(2, k, 1).unfold(3, k, 1)                                            # [3, Q, 2S+1, 2S+1, k, k]
+    diff = (win - a[:, :, None, None]).abs()
+    inside = (~diff.isnan()).float().mean(dim=(0, 4, 5))                               # [Q, 2S+1, 2S+1]
+    mad = diff.nanmean(dim=(0, 4, 5))
+    mad = torch.where(inside >= 0.5, mad, torch.full_like(mad, float("inf")))
+    scale = a.permute(1, 0, 2, 3).reshape(q.shape[0], -1).std(dim=1, unbiased=False) + float(floor)
+    return (mad.flatten(1).amin(dim=1) / scale).float()
+
+
+def appearance_check(res: TraceResult, frame0, frame1, queries, cfg: KLTraceConfig) -> TraceResult:
+    """Step 9 on a finished trace: sets ``res.app_error`` and visible &= app_error <= app_threshold."""
+    err = appearance_error(frame0, frame1, queries, res.targets, cfg.app_radius, cfg.app_search, cfg.app_floor)
+    res.app_error = err
+    res.visible = res.visible & (err <= float(cfg.app_threshold))
+    return res
 
 
 def _fb_on(cfg: KLTraceConfig) -> bool:
@@ -587,6 +659,9 @@ def rgb_trace(model: TracerModel, frame0, frame1, queries, cfg: KLTraceConfig | 
     cfg = cfg or KLTraceConfig(method="rgb")
     if cfg.method != "rgb":
         cfg = dataclasses.replace(cfg, method="rgb")
+    if _app_on(cfg):
+        res = rgb_trace(model, frame0, frame1, queries, dataclasses.replace(cfg, app_threshold=None), return_maps)
+        return appearance_check(res, frame0, frame1, queries, cfg)
     if _fb_on(cfg):
         return forward_backward(lambda a, b, q, c: rgb_trace(model, a, b, q, c, return_maps),
                                 model, frame0, frame1, queries, cfg)

@@ -38,6 +38,11 @@ class KLTraceConfig:
     fb_threshold: float | None = None   # model px; > 0: visible also needs the backward trace of the target to
                                         # return within this of the query (forward-backward check, 2x cost);
                                         # null or 0: no check (0 also overrides a bundle's setting)
+    app_threshold: float | None = None  # > 0: visible also needs the query's frame-0 patch to reappear near the
+                                        # estimate in frame 1 (appearance check, ``appearance_error``); null/0: off
+    app_radius: int = 3                 # appearance patch half-size, px of the frames given (patch 2r+1 square)
+    app_search: int = 4                 # appearance search half-size around the estimate, px of the frames given
+    app_floor: float = 8.0              # grey levels added to the query patch's std (flat patches)
 
     def __post_init__(self):
         if self.occ_level not in ("final", "first", "min", "mean", "max"):
@@ -68,6 +73,18 @@ class KLTraceConfig:
             if not self.fb_threshold >= 0:
                 raise ValueError(f"fb_threshold must be >= 0 (0 or null: no forward-backward check), "
                                  f"got {self.fb_threshold!r}")
+
+        if self.app_threshold is not None:
+            try:
+                self.app_threshold = float(self.app_threshold)
+            except (TypeError, ValueError):
+                raise ValueError(f"app_threshold must be a number or null, got {self.app_threshold!r}") from None
+            if not self.app_threshold >= 0:
+                raise ValueError(f"app_threshold must be >= 0 (0 or null: no appearance check), "
+                                 f"got {self.app_threshold!r}")
+        if int(self.app_radius) < 0 or int(self.app_search) < 0 or not self.app_floor > 0:
+            raise ValueError(f"app_radius and app_search must be >= 0 and app_floor > 0, got {self.app_radius!r}, "
+                             f"{self.app_search!r}, {self.app_floor!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "KLTraceConfig":

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import yaml
 
 from teacher.ideal import IdealPredictor, fit_codebook
-from teacher.kltrace import (KLTraceConfig, TracerModel, View, average_masks, bump_pixels, forward_backward,
+from teacher.kltrace import (KLTraceConfig, TracerModel, View, appearance_error, average_masks, bump_pixels,
+                             forward_backward,
                              gaussian_bump, group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops,
                              readout, rgb_trace, touched_cells, touched_union, zoom_sides)
 
@@ -389,6 +390,52 @@ def test_fb_threshold_in_kl_trace_and_rgb_trace():
         with pytest.raises(ValueError, match="fb_threshold"):
             KLTraceConfig(fb_threshold=bad)
     assert KLTraceConfig(fb_threshold="inf").fb_threshold == float("inf")     # what --set ...=inf gives
+
+
+def test_appearance_error_finds_moved_content_and_flags_hidden_or_lost_points():
+    """Frame 1 = frame 0 moved by (5, -3) px with a foreign square pasted over one region: points whose content is
+    in frame 1 near their estimate (exact, or up to the search radius off) score low; points under the square, or
+    whose estimate is further off than the search radius, score high; a patch partly outside frame 1 is compared
+    on its pixels inside."""
+    f0 = texture(64, 64, 0)
+    f1 = np.roll(f0, (-3, 5), axis=(0, 1)).copy()
+    f1[34:54, 8:28] = texture(20, 20, 7)                                  # occluder over x 8..27, y 34..53
+    q = torch.tensor([[20.5, 20.5], [40.5, 15.5], [10.2, 30.7], [8.5, 45.5], [12.5, 40.5], [20.5, 20.5]])
+    move = torch.tensor([5.0, -3.0])
+    p = q + move
+    p[2] += torch.tensor([3.0, -2.0])                                      # 3 px off: within the search
+    p[5] += torch.tensor([9.0, 0.0])                                       # 9 px off: beyond it
+    e = appearance_error(f0, f1, q, p, radius=3, search=4)
+    assert e.shape == (6,) and e.dtype == torch.float32
+    assert (e[[0, 1, 2]] < 0.05).all(), e                                 # visible: exact match (np.roll)
+    assert (e[[3, 4, 5]] > 0.3).all(), e                                  # hidden by the square, or lost
+    edge = appearance_error(f0, f1, torch.tensor([[57.5, 20.5]]), torch.tensor([[62.5, 17.5]]), radius=3, search=0)
+    assert edge.item() < 1e-6                                             # columns past x=63 are left out, not 0
+    assert torch.equal(appearance_error(f0, f1, q, p, 3, 4), e)           # deterministic
+    with pytest.raises(ValueError, match="differ"):
+        appearance_error(f0, f1, q, p[:2])
+
+
+def test_app_threshold_in_kl_trace_and_rgb_trace():
+    model = TinyRandomTracer()
+    f0, f1 = texture(48, 40, 1), texture(48, 40, 2)
+    q = torch.tensor([[3.0, 4.0], [20.5, 30.2], [39.0, 47.0], [10.0, 10.0]])
+    base = KLTraceConfig(num_masks=1, zoom_levels=1, occ_threshold=0.0)
+    for fn in (kl_trace, rgb_trace):
+        plain = fn(model, f0, f1, q, base)
+        assert plain.app_error is None
+        on = fn(model, f0, f1, q, dataclasses.replace(base, app_threshold=0.5, fb_threshold=1e6))
+        assert torch.equal(on.targets, plain.targets)                    # the estimate is kept
+        want = appearance_error(f0, f1, q, plain.targets, base.app_radius, base.app_search, base.app_floor)
+        assert torch.equal(on.app_error, want) and on.fb_error is not None
+        assert torch.equal(on.visible, plain.visible & (on.fb_error <= 1e6) & (want <= 0.5))
+        for none in (None, 0.0, float("inf")):
+            assert fn(model, f0, f1, q, dataclasses.replace(base, app_threshold=none)).app_error is None
+    for bad in (-1.0, "near"):
+        with pytest.raises(ValueError, match="app_threshold"):
+            KLTraceConfig(app_threshold=bad)
+    with pytest.raises(ValueError, match="app_radius"):
+        KLTraceConfig(app_search=-1)
 
 
 # ---------------------------------------------------------------------------------------------- crops
