@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,14 +129,14 @@ def rescore(result: dict, occ_threshold: float, fb_threshold: float | None,
     return {"mean": mean, "per_video": per, "pred_occluded": calls}
 
 
-def calibrate(e: dict, occ_threshold: float) -> list[str]:
+def calibrate(e: dict, occ_threshold: float) -> tuple[list[str], list[str], dict]:
     """Best round-trip / appearance thresholds on pooled validation entries ``e`` (``entries``), the KL-peak test
-    kept at ``occ_threshold``: lines for NOTES, the last ones RESULT lines."""
+    kept at ``occ_threshold``: (lines for NOTES, RESULT lines, {rule: (fb_threshold, app_threshold, accuracy)})."""
     from occ_threshold import best_rule  # bench/occ_threshold.py
 
     o = e["occluded"]
     base = e["score"] >= occ_threshold if "score" in e else np.ones(len(o), bool)
-    lines, results = [], []
+    lines, results, rules = [], [], {}
     fb, app = e.get("fb_error"), e.get("app_error")
     for name, err, sc in (("fb", fb, None), ("app", None, app), ("fb+app", fb, app)):
         if (err is None and name != "app") or (sc is None and name != "fb"):
@@ -144,6 +145,7 @@ def calibrate(e: dict, occ_threshold: float) -> list[str]:
         score = np.where(base, -sc, -np.inf) if sc is not None else np.where(base, 0.0, -np.inf)
         t_neg, t_fb, acc = best_rule(score, err, o)
         t_app = -t_neg if sc is not None and t_neg != 0.0 else None
+        rules[name] = (t_fb, t_app, acc)
         lines.append(f"- rule {name}: best pooled OA {100 * acc:.1f} % (always visible {100 * np.mean(~o):.1f} %) "
                      f"at fb_threshold {t_fb if t_fb is not None else 'off'}, app_threshold "
                      f"{t_app if t_app is not None else 'off'}")
@@ -152,7 +154,7 @@ def calibrate(e: dict, occ_threshold: float) -> list[str]:
             results.append(f"RESULT calibrated_{name.replace('+', '_')}_app_threshold {t_app:.5g}")
         if t_fb is not None:
             results.append(f"RESULT calibrated_{name.replace('+', '_')}_fb_threshold {t_fb:.5g}")
-    return lines, results
+    return lines, results, rules
 
 
 def main(argv=None) -> int:
@@ -175,6 +177,10 @@ def main(argv=None) -> int:
     ap.add_argument("--app-floor", type=float, default=KLTraceConfig.app_floor)
     ap.add_argument("--calibrate", action="store_true",
                     help="search the round-trip / appearance thresholds on these (validation) files, pooled")
+    ap.add_argument("--write", default=None, metavar="TEACHER",
+                    help="with --calibrate: store --rule's thresholds in this bundle's teacher.json (teacher."
+                         "checkpoints.set_bundle_tracer; weights and teacher_id unchanged)")
+    ap.add_argument("--rule", choices=("fb", "app", "fb+app"), default=None, help="the calibrated rule --write stores")
     ap.add_argument("--out", default=None, metavar="JSON",
                     help="with a re-scoring: write each file's re-scored metrics here ({label: {rule, source, mean, "
                          "per_video}}, means over videos as flowdistill eval)")
@@ -187,12 +193,22 @@ def main(argv=None) -> int:
     data = args.data.split(",") if args.data else [None] * len(args.results)
     if len(data) != len(args.results):
         raise SystemExit("--data must give one set directory per results file")
-    lines = ["## bench/eval_occlusion.py — where the occlusion calls go wrong (from eval --predictions)", ""]
+    if args.write and not (args.calibrate and args.rule):
+        raise SystemExit("--write needs --calibrate and --rule")
+    cmd = "python bench/eval_occlusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["## bench/eval_occlusion.py — where the occlusion calls go wrong (from eval --predictions)", "",
+             f"- command: `{cmd}`"]
     results = []
     rescored: dict[str, dict] = {}
     pooled: list[dict] = []
+    made_by: list[dict] = []                       # how each results file was made (for a --write record)
     for name, path, data_dir in zip(names, args.results, data):
-        res = json.loads(Path(path).read_text())["results"]
+        doc = json.loads(Path(path).read_text())
+        res = doc["results"]
+        src_cfg = dict((doc.get("config") or {}).get("sources", {}).get(args.source) or {})
+        default = KLTraceConfig().to_dict()        # tracer values at their defaults were the bundle's own (then)
+        src_cfg["tracer_set"] = {k: v for k, v in (src_cfg.pop("tracer", None) or {}).items() if default.get(k) != v}
+        made_by.append({"file": str(path), "data": doc.get("data"), "source_config": src_cfg})
         if args.source not in res:
             raise SystemExit(f"{path}: no results for source {args.source!r} (has {sorted(res)})")
         if data_dir:
@@ -242,7 +258,23 @@ def main(argv=None) -> int:
     cal_results: list[str] = []
     if args.calibrate:
         pool = {k: np.concatenate([e[k] for e in pooled]) for k in pooled[0] if all(k in e for e in pooled)}
-        cal_lines, cal_results = calibrate(pool, args.used_occ_threshold)
+        cal_lines, cal_results, rules = calibrate(pool, args.used_occ_threshold)
+        if args.write:
+            if args.rule not in rules:
+                raise SystemExit(f"rule {args.rule!r} could not be calibrated (no round-trip / appearance errors)")
+            from teacher.checkpoints import set_bundle_tracer
+
+            t_fb, t_app, acc = rules[args.rule]
+            update = {"fb_threshold": None if t_fb is None else round(t_fb, 4),
+                      "app_threshold": None if t_app is None else round(t_app, 4),
+                      "app_radius": args.app_radius, "app_search": args.app_search, "app_floor": args.app_floor}
+            record = {"command": cmd,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "results": made_by, "data": [str(d) for d in data], "rule": args.rule, "entries": int(len(pool["occluded"])),
+                      "occluded": int(pool["occluded"].sum()), "occ_accuracy": round(float(acc), 4),
+                      "always_visible": round(float(np.mean(~pool["occluded"])), 4)}
+            set_bundle_tracer(args.write, update, record)
+            cal_lines.append(f"written to {args.write}/teacher.json: tracer {update}")
         lines += [f"- calibration on {', '.join(names)} pooled ({len(pool['occluded'])} entries, "
                   f"{int(pool['occluded'].sum())} occluded; KL-peak threshold kept at {args.used_occ_threshold:g}; "
                   f"appearance radius {args.app_radius}, search {args.app_search}, floor {args.app_floor:g}):",
