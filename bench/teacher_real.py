@@ -12,6 +12,7 @@ bundle's tracer settings, and zero flow):
  agree@4     share of queries whose target is within 4 px (at 256) of DIS's
  moving      the same over the queries DIS moves by more than 4 px (zero flow agrees with none of them by design)
  med         median distance to DIS's target (px at 256)
+ visible     (teacher) agree@4 over the queries the teacher calls visible — what a label set keeps — and how many
 
 Figures are written to bench/NOTES.md; the last lines are ``RESULT`` lines.
 """
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     shown = Path(args.teacher).resolve()
     shown = shown.relative_to(ROOT) if ROOT in shown.parents else shown
     rows, per = [], {"kltrace": [], "zero": []}
+    vis_all = []
     moving_all = []
     t_start = time.perf_counter()
     for name, t0, t1 in PAIRS:
@@ -75,11 +77,17 @@ def main(argv=None) -> int:
         line = [f"{name} {t0},{t1} ({w}x{h}): DIS moves {int(moving.sum())} of {len(q)} queries by > 4 px"]
         for src_name, src in (("kltrace", kl), ("zero", zero)):
             tic = time.perf_counter()
-            tgt, _ = src.track(f0, f1, q)
+            tgt, vis = src.track(f0, f1, q)
             d = np.linalg.norm((np.asarray(tgt, np.float64) - ref) * scale, axis=1)
             per[src_name].append(d)
             mv = f"{np.mean(d[moving] < 4):.2f}" if moving.any() else "-"
-            line.append(f"{src_name} agree@4 {np.mean(d < 4):.2f}, moving {mv}, med {np.median(d):.2f} px "
+            extra = ""
+            if src_name == "kltrace":
+                vis = np.asarray(vis, bool)
+                vis_all.append(vis)
+                extra = (f", visible {np.mean(d[vis] < 4):.2f} of {int(vis.sum())} called visible"
+                         if vis.any() else ", none called visible")
+            line.append(f"{src_name} agree@4 {np.mean(d < 4):.2f}, moving {mv}, med {np.median(d):.2f} px{extra} "
                         f"({time.perf_counter() - tic:.0f} s)")
         rows.append("; ".join(line))
         print(rows[-1], flush=True)
@@ -89,6 +97,10 @@ def main(argv=None) -> int:
         d = np.concatenate(ds)
         summary[src_name] = (float(np.mean(d < 4)), float(np.mean(d[mv] < 4)) if mv.any() else float("nan"),
                              float(np.median(d)))
+    vis = np.concatenate(vis_all)
+    d_kl = np.concatenate(per["kltrace"])
+    agree_vis = float(np.mean(d_kl[vis] < 4)) if vis.any() else float("nan")
+    agree_vis_mv = float(np.mean(d_kl[vis & mv] < 4)) if (vis & mv).any() else float("nan")
     secs = time.perf_counter() - t_start
     lines = [
         "## bench/teacher_real.py — KL-tracing tracks vs OpenCV DIS on the real clips",
@@ -99,11 +111,15 @@ def main(argv=None) -> int:
         *[f"- {r}" for r in rows],
         f"- all clips ({len(mv)} queries, {int(mv.sum())} moving): " + "; ".join(
             f"{k} agree@4 {v[0]:.2f}, moving {v[1]:.2f}, med {v[2]:.2f} px" for k, v in summary.items()),
+        f"- kltrace, queries called visible ({int(vis.sum())} of {len(vis)}; moving {int((vis & mv).sum())} of "
+        f"{int(mv.sum())}): agree@4 {agree_vis:.2f}, moving {agree_vis_mv:.2f}",
         "",
         f"RESULT teacher_real_agree4_kltrace {summary['kltrace'][0]:.4f}",
         f"RESULT teacher_real_agree4_zero {summary['zero'][0]:.4f}",
         f"RESULT teacher_real_agree4_moving_kltrace {summary['kltrace'][1]:.4f}",
         f"RESULT teacher_real_agree4_moving_zero {summary['zero'][1]:.4f}",
+        f"RESULT teacher_real_agree4_visible_kltrace {agree_vis:.4f}",
+        f"RESULT teacher_real_agree4_visible_moving_kltrace {agree_vis_mv:.4f}",
     ]
     report(lines, args.notes, "teacher_real")
     return 0
