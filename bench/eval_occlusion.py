@@ -202,11 +202,11 @@ def main(argv=None) -> int:
     rescored: dict[str, dict] = {}
     pooled: list[dict] = []
     made_by: list[dict] = []                       # how each results file was made (for a --write record)
+    default = KLTraceConfig().to_dict()            # tracer values at their defaults were the bundle's own (then)
     for name, path, data_dir in zip(names, args.results, data):
         doc = json.loads(Path(path).read_text())
         res = doc["results"]
         src_cfg = dict((doc.get("config") or {}).get("sources", {}).get(args.source) or {})
-        default = KLTraceConfig().to_dict()        # tracer values at their defaults were the bundle's own (then)
         src_cfg["tracer_set"] = {k: v for k, v in (src_cfg.pop("tracer", None) or {}).items() if default.get(k) != v}
         made_by.append({"file": str(path), "data": doc.get("data"), "source_config": src_cfg})
         if args.source not in res:

@@ -8,6 +8,19 @@ import dataclasses
 from dataclasses import dataclass
 
 
+def _optional_threshold(name: str, value, kind: str, check: str) -> float | None:
+    """A check's threshold: None stays None, anything else must be a float >= 0 (0: the check is off)."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind} or null, got {value!r}") from None
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 (0 or null: no {check}), got {value!r}")
+    return value
+
+
 @dataclass
 class KLTraceConfig:
     """Tracer settings; configs/teacher/kltrace_default.yaml holds these defaults. sigma .. occ_threshold are the
@@ -64,24 +77,9 @@ class KLTraceConfig:
             raise ValueError(f"zoom_keep must be in (0, 1], got {self.zoom_keep!r}")
         if self.crop_margin < 0 or self.rgb_blur < 0:
             raise ValueError("crop_margin and rgb_blur must be >= 0")
-        if self.fb_threshold is not None:
-            try:
-                self.fb_threshold = float(self.fb_threshold)
-            except (TypeError, ValueError):
-                raise ValueError(f"fb_threshold must be a number of model px or null, got {self.fb_threshold!r}") \
-                    from None
-            if not self.fb_threshold >= 0:
-                raise ValueError(f"fb_threshold must be >= 0 (0 or null: no forward-backward check), "
-                                 f"got {self.fb_threshold!r}")
-
-        if self.app_threshold is not None:
-            try:
-                self.app_threshold = float(self.app_threshold)
-            except (TypeError, ValueError):
-                raise ValueError(f"app_threshold must be a number or null, got {self.app_threshold!r}") from None
-            if not self.app_threshold >= 0:
-                raise ValueError(f"app_threshold must be >= 0 (0 or null: no appearance check), "
-                                 f"got {self.app_threshold!r}")
+        self.fb_threshold = _optional_threshold("fb_threshold", self.fb_threshold, "a number of model px",
+                                                "forward-backward check")
+        self.app_threshold = _optional_threshold("app_threshold", self.app_threshold, "a number", "appearance check")
         if int(self.app_radius) < 0 or int(self.app_search) < 0 or not self.app_floor > 0:
             raise ValueError(f"app_radius and app_search must be >= 0 and app_floor > 0, got {self.app_radius!r}, "
                              f"{self.app_search!r}, {self.app_floor!r}")

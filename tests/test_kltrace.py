@@ -18,9 +18,8 @@ import yaml
 
 from teacher.ideal import IdealPredictor, fit_codebook
 from teacher.kltrace import (KLTraceConfig, TracerModel, View, appearance_error, average_masks, bump_pixels,
-                             forward_backward,
-                             gaussian_bump, group_crops, kl_divergence, kl_maps_naive, kl_trace, per_query_crops,
-                             readout, rgb_trace, touched_cells, touched_union, zoom_sides)
+                             forward_backward, gaussian_bump, group_crops, kl_divergence, kl_maps_naive, kl_trace,
+                             per_query_crops, readout, rgb_trace, touched_cells, touched_union, zoom_sides)
 
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
